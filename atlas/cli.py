@@ -1,0 +1,50 @@
+"""The `atlas` command: one subcommand per pipeline stage, each reading a run config."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from atlas.errors import AtlasError
+
+# Pipeline order; each module exposes run(cfg, force) -> Path.
+STAGES = {
+    "collect": "atlas.collect",
+    "train": "atlas.train",
+    "analyze": "atlas.analyze",
+    "export": "atlas.export",
+    "build": "atlas.build",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="atlas", description="Train SAEs and publish their features as a static atlas.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in [*STAGES, "all"]:
+        p = sub.add_parser(name, help=f"run the {name} stage" if name != "all" else "run every stage in order")
+        p.add_argument("--config", required=True, help="run config, e.g. configs/gpt2-small.yaml")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable)")
+        p.add_argument("--force", action="store_true", help="redo the stage even if its output is up to date")
+    args = parser.parse_args(argv)
+
+    from atlas import distributed
+    from atlas.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        distributed.init()
+        for name in (STAGES if args.command == "all" else [args.command]):
+            importlib.import_module(STAGES[name]).run(cfg, force=args.force)
+    except AtlasError as e:
+        print(f"atlas {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"atlas {args.command}: interrupted; run it again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""`atlas collect`: run the model up to the hook over the corpus and store the activations.
+
+The work is cut into parts of `corpus.chunk_contexts` contexts. Each part is written atomically,
+so after a kill the next run skips the finished parts (re-tokenising the text they came from,
+which is cheap next to the forward pass) and continues with the first missing one. With
+`torchrun`, rank r takes the parts p with p % world_size == r; rank 0 finalises the store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from atlas import distributed
+from atlas.config import RunConfig
+from atlas.corpus import iter_contexts, iter_texts
+from atlas.errors import AtlasError
+from atlas.model import check_layer, load_model, resolve_device
+from atlas.stage import fingerprint, is_current
+from atlas.store import StoreInfo, finalize, finished_parts, parts_dir, tokenizer_hash, write_part
+
+FINGERPRINT_FILE = "fingerprint"
+
+
+def store_path(cfg: RunConfig) -> Path:
+    return cfg.run_dir / "activations.h5"
+
+
+def run(cfg: RunConfig, force: bool = False) -> Path:
+    path = store_path(cfg)
+    fp = fingerprint(cfg.section_hash("model", "corpus"))
+    if is_current(path, fp) and not force:
+        print(f"collect: {path} is up to date")
+        return path
+    rank, world = distributed.rank_and_world()
+    if rank == 0:
+        _prepare_parts(path, fp, force)
+    distributed.barrier()
+
+    device = resolve_device(cfg.model.device)
+    loaded = load_model(cfg.model.name, cfg.model.revision, str(device), cfg.model.dtype)
+    check_layer(cfg.path, cfg.model.layer, loaded)
+    model = loaded.truncated(cfg.model.layer)
+    c = cfg.corpus
+    n_contexts = c.n_tokens // c.ctx_len
+    n_parts = math.ceil(n_contexts / c.chunk_contexts)
+    done = finished_parts(path)
+    mine = [p for p in range(n_parts) if p % world == rank and p not in done]
+    contexts = iter_contexts(iter_texts(c), loaded.tokenizer, c.ctx_len, loaded.bos_token_id,
+                             loaded.separator_token_id)
+
+    bar = tqdm(total=len(mine) * c.chunk_contexts * c.ctx_len, unit="tok", unit_scale=True,
+               desc=f"collect {cfg.model.name} layer {cfg.model.layer}", disable=rank != 0 and world > 1)
+    produced = 0
+    for part in range(n_parts):
+        want = min(c.chunk_contexts, n_contexts - part * c.chunk_contexts)
+        chunk = list(itertools.islice(contexts, want))
+        produced += len(chunk)
+        if len(chunk) < want:
+            n_parts = part + (1 if chunk else 0)
+            if chunk and part in mine:
+                _collect_part(model, path, part, chunk, c.batch_size, c.store_dtype, device, bar)
+            break
+        if part in mine:
+            _collect_part(model, path, part, chunk, c.batch_size, c.store_dtype, device, bar)
+    bar.close()
+    if produced == 0:
+        raise AtlasError(f"corpus '{c.dataset}' yielded no text: nothing to collect")
+    if produced < n_contexts and rank == 0:
+        print(f"collect: the corpus ran out after {produced} contexts ({produced * c.ctx_len:,} tokens); "
+              f"corpus.n_tokens asked for {c.n_tokens:,}")
+    distributed.barrier()
+    if rank == 0:
+        info = StoreInfo(
+            model=cfg.model.name, revision=cfg.model.revision, layer=cfg.model.layer, hook_name=cfg.hook_name,
+            ctx_len=c.ctx_len, d_model=loaded.d_model, dtype=c.store_dtype,
+            tokenizer_hash=tokenizer_hash(loaded.tokenizer), n_contexts=produced,
+            n_eval_contexts=min(produced - 1, round(produced * c.eval_fraction)) if produced > 1 else 0,
+            bos_token_id=loaded.bos_token_id, fingerprint=fp,
+        )
+        finalize(path, info, n_parts)
+        print(f"collect: wrote {path} ({produced * c.ctx_len:,} tokens, {produced} contexts, d_model {loaded.d_model})")
+    distributed.barrier()
+    return path
+
+
+def _prepare_parts(path: Path, fp: str, force: bool) -> None:
+    """Keep finished parts only if they were made from the same config; else start afresh."""
+    if path.exists():
+        path.unlink()
+    d = parts_dir(path)
+    stamp = d / FINGERPRINT_FILE
+    if d.exists() and (force or not stamp.exists() or stamp.read_text() != fp):
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    for tmp in d.glob("*.tmp*"):
+        tmp.unlink()  # a part that a killed run was writing
+    stamp.write_text(fp)
+
+
+@torch.inference_mode()
+def _collect_part(model, path: Path, part: int, chunk: list[np.ndarray], batch_size: int, dtype: str,
+                  device: torch.device, bar) -> None:
+    tokens = np.stack(chunk)
+    acts = []
+    for i in range(0, len(tokens), batch_size):
+        ids = torch.from_numpy(tokens[i:i + batch_size]).long().to(device)
+        t0 = time.perf_counter()
+        h = model(ids)
+        if not torch.isfinite(h).all():
+            raise AtlasError(f"non-finite activations in part {part} (contexts {part}:{i}); "
+                             f"check model.dtype (float16 can overflow) and the model weights")
+        acts.append(h.reshape(-1, h.shape[-1]).to("cpu", getattr(torch, dtype)).numpy())
+        bar.update(ids.numel())
+        bar.set_postfix_str(f"{ids.numel() / (time.perf_counter() - t0):,.0f} tok/s fwd")
+    write_part(path, part, tokens, np.concatenate(acts), dtype)

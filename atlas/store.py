@@ -1,0 +1,191 @@
+"""Activation store: the residual-stream activations of a run, with the tokens they came from.
+
+`activations.h5` holds
+  acts    float16|float32 [n_tokens, d_model], chunked; row = context * ctx_len + offset
+  tokens  int32 [n_contexts, ctx_len]; every context starts with BOS
+and attributes naming the model, revision, layer, hook site, context length, tokenizer hash,
+dtype, the held-out evaluation contexts and the collect stage's fingerprint.
+
+Crash safety: `atlas collect` writes the store as part files (`activations.parts/part-NNNNN.h5`,
+each written under a temporary name and renamed when complete), and only when every part is there
+writes `activations.h5` itself, whose `acts` and `tokens` are HDF5 virtual datasets over the parts.
+A kill at any moment loses at most the part being written; a store file that exists is complete.
+Several writers (torchrun ranks) can fill the same parts folder, each with its own part numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from atlas.errors import AtlasError
+
+PARTS_DIR_SUFFIX = ".parts"
+_PART = re.compile(r"part-(\d{5})\.h5$")
+
+
+@dataclass
+class StoreInfo:
+    """What a store was made from; written as HDF5 attributes of activations.h5."""
+
+    model: str
+    revision: str
+    layer: int
+    hook_name: str
+    ctx_len: int
+    d_model: int
+    dtype: str
+    tokenizer_hash: str
+    n_contexts: int
+    n_eval_contexts: int
+    bos_token_id: int
+    fingerprint: str
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """A hash of the tokenizer's full definition (vocab, merges, normalisation, special tokens)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def parts_dir(store_path: Path) -> Path:
+    return Path(store_path).with_name(Path(store_path).name + PARTS_DIR_SUFFIX)
+
+
+def part_path(store_path: Path, index: int) -> Path:
+    return parts_dir(store_path) / f"part-{index:05d}.h5"
+
+
+def finished_parts(store_path: Path) -> dict[int, Path]:
+    """Part files that were completely written (temporary files are ignored)."""
+    d = parts_dir(store_path)
+    if not d.exists():
+        return {}
+    return {int(m.group(1)): p for p in d.iterdir() if (m := _PART.search(p.name))}
+
+
+def write_part(store_path: Path, index: int, tokens: np.ndarray, acts: np.ndarray, dtype: str) -> None:
+    """Write one part atomically: `tokens` [c, ctx_len] int32, `acts` [c * ctx_len, d_model]."""
+    path = part_path(store_path, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    rows = acts.shape[0]
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("tokens", data=tokens.astype(np.int32))
+        f.create_dataset("acts", data=acts.astype(dtype), chunks=(min(rows, 1024), acts.shape[1]))
+    os.replace(tmp, path)
+
+
+def finalize(store_path: Path, info: StoreInfo, n_parts: int) -> None:
+    """Write activations.h5 as virtual datasets over parts 0..n_parts-1 (atomically)."""
+    store_path = Path(store_path)
+    parts = [part_path(store_path, i) for i in range(n_parts)]
+    shapes = []
+    for p in parts:
+        with h5py.File(p, "r") as f:
+            shapes.append((f["tokens"].shape[0], f["acts"].shape[0]))
+    n_ctx, n_rows = sum(s[0] for s in shapes), sum(s[1] for s in shapes)
+    dtype = np.dtype(info.dtype)
+    acts = h5py.VirtualLayout(shape=(n_rows, info.d_model), dtype=dtype)
+    toks = h5py.VirtualLayout(shape=(n_ctx, info.ctx_len), dtype=np.int32)
+    c = r = 0
+    for p, (pc, pr) in zip(parts, shapes):
+        rel = os.path.relpath(p, store_path.parent)  # relative, so the run folder can move
+        acts[r:r + pr] = h5py.VirtualSource(rel, "acts", shape=(pr, info.d_model))
+        toks[c:c + pc] = h5py.VirtualSource(rel, "tokens", shape=(pc, info.ctx_len))
+        c, r = c + pc, r + pr
+    info.n_contexts = n_ctx
+    tmp = store_path.with_name(store_path.name + ".tmp")
+    with h5py.File(tmp, "w", libver="latest") as f:
+        f.create_virtual_dataset("acts", acts)
+        f.create_virtual_dataset("tokens", toks)
+        f.attrs.update({k: v for k, v in asdict(info).items()})
+        f.attrs["n_parts"] = n_parts
+    os.replace(tmp, store_path)
+
+
+def read_store_stamp(path: Path) -> dict | None:
+    try:
+        with h5py.File(path, "r") as f:
+            return {"fingerprint": str(f.attrs["fingerprint"])}
+    except (OSError, KeyError):
+        return None
+
+
+class ActivationStore:
+    """Read access to a finished activation store."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            hint = " (collection unfinished: run `atlas collect` again to resume)" if parts_dir(self.path).exists() else ""
+            raise AtlasError(f"{self.path}: no activation store{hint}; run `atlas collect` first")
+        try:
+            self._file = h5py.File(self.path, "r")
+            attrs = dict(self._file.attrs)
+            self.info = StoreInfo(**{k: _plain(attrs[k]) for k in StoreInfo.__dataclass_fields__})
+            self.acts = self._file["acts"]
+            self.tokens = self._file["tokens"][:]
+        except (OSError, KeyError) as e:
+            raise AtlasError(f"{self.path}: not a readable activation store ({str(e).splitlines()[0]})") from None
+        self._check_parts(int(attrs.get("n_parts", 0)))
+        self.ctx_len = self.info.ctx_len
+        self.d_model = self.info.d_model
+        self.n_contexts = self.tokens.shape[0]
+        self.n_tokens = self.acts.shape[0]
+        if self.n_tokens != self.n_contexts * self.ctx_len:
+            raise AtlasError(f"{self.path}: {self.n_tokens} activation rows for {self.n_contexts} contexts "
+                             f"of {self.ctx_len} tokens; the store is inconsistent, collect it again")
+        n_train = self.n_contexts - self.info.n_eval_contexts
+        self.train_rows = range(0, n_train * self.ctx_len)
+        self.eval_rows = range(n_train * self.ctx_len, self.n_tokens)
+        self.chunk_rows = 1024
+
+    def _check_parts(self, n_parts: int) -> None:
+        # A virtual dataset reads missing sources as zeros; a truncated part must not pass silently.
+        for i in range(n_parts):
+            p = part_path(self.path, i)
+            try:
+                with h5py.File(p, "r") as f:
+                    f["acts"].id.get_storage_size()
+            except OSError as e:
+                raise AtlasError(f"{p}: missing or unreadable part of the store ({str(e).splitlines()[0]}); "
+                                 f"delete it and run `atlas collect` again to rewrite it") from None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Activation rows [start, stop) as float32."""
+        return self.acts[start:stop].astype(np.float32)
+
+    def position(self, row: int) -> tuple[int, int]:
+        return divmod(int(row), self.ctx_len)
+
+    def iter_batches(self, batch_tokens: int, rows: range | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Sequential batches over `rows` (default all): (first row, float32 tensor [n, d_model])."""
+        rows = rows if rows is not None else range(self.n_tokens)
+        for start in range(rows.start, rows.stop, batch_tokens):
+            stop = min(start + batch_tokens, rows.stop)
+            yield start, torch.from_numpy(self.read(start, stop))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _plain(v):
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from browser import chromium_path, open_browser  # noqa: E402
+from tiny_world import build as build_tiny_world  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """A tiny local GPT-2, its BPE tokenizer and a generated corpus (model/, corpus.jsonl, corpus.txt)."""
+    return build_tiny_world(tmp_path_factory.mktemp("tiny-world"))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if chromium_path() is None:
+        pytest.skip("browser tests skipped: Debian's chromium is not installed (apt-get install chromium)")
+    with open_browser() as b:
+        yield b
+
+
+def pytest_report_header(config):
+    if chromium_path() is None:
+        return "NOTICE: chromium not found; browser tests will be skipped (apt-get install chromium to run them)"
