@@ -39,22 +39,25 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     if is_current(path, fp) and not force:
         print(f"collect: {path} is up to date")
         return path
+    device = resolve_device(cfg.model.device)
+    loaded = load_model(cfg.model.name, cfg.model.revision, str(device), cfg.model.dtype)
+    check_layer(cfg.path, cfg.model.layer, loaded)
+    c = cfg.corpus
+    contexts = iter_contexts(iter_texts(c), loaded.tokenizer, c.ctx_len, loaded.bos_token_id,
+                             loaded.separator_token_id)
+    first = next(contexts, None)  # fail on a missing or empty corpus before touching any output
+    if first is None:
+        raise AtlasError(f"corpus '{c.dataset}' yielded no text (or less than one {c.ctx_len}-token context): nothing to collect")
+    contexts = itertools.chain([first], contexts)
     rank, world = distributed.rank_and_world()
     if rank == 0:
         _prepare_parts(path, fp, force)
     distributed.barrier()
-
-    device = resolve_device(cfg.model.device)
-    loaded = load_model(cfg.model.name, cfg.model.revision, str(device), cfg.model.dtype)
-    check_layer(cfg.path, cfg.model.layer, loaded)
     model = loaded.truncated(cfg.model.layer)
-    c = cfg.corpus
     n_contexts = c.n_tokens // c.ctx_len
     n_parts = math.ceil(n_contexts / c.chunk_contexts)
     done = finished_parts(path)
     mine = [p for p in range(n_parts) if p % world == rank and p not in done]
-    contexts = iter_contexts(iter_texts(c), loaded.tokenizer, c.ctx_len, loaded.bos_token_id,
-                             loaded.separator_token_id)
 
     bar = tqdm(total=len(mine) * c.chunk_contexts * c.ctx_len, unit="tok", unit_scale=True,
                desc=f"collect {cfg.model.name} layer {cfg.model.layer}", disable=rank != 0 and world > 1)
@@ -71,8 +74,6 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         if part in mine:
             _collect_part(model, path, part, chunk, c.batch_size, c.store_dtype, device, bar)
     bar.close()
-    if produced == 0:
-        raise AtlasError(f"corpus '{c.dataset}' yielded no text: nothing to collect")
     if produced < n_contexts and rank == 0:
         print(f"collect: the corpus ran out after {produced} contexts ({produced * c.ctx_len:,} tokens); "
               f"corpus.n_tokens asked for {c.n_tokens:,}")

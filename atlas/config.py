@@ -105,6 +105,12 @@ class AnalyzeConfig:
     map_method: str = "umap"
     """"umap" or "pca" for the 2-D feature map."""
     seed: int = 0
+    explainer: str = "top-tokens"
+    """Which labeller writes feature labels (atlas/labels.py registry)."""
+    skip_bos: bool = True
+    """Leave out the BOS position of every context (its residual is an outlier that many features fire on)."""
+    checkpoint_every: int = 50
+    """Batches between checkpoints of the streaming state, from which an interrupted run resumes."""
 
 
 @dataclass
@@ -211,10 +217,15 @@ def _build(path: Path, section: str, cls, values: dict):
 def _coerce(path: Path, key: str, typ, value):
     if isinstance(typ, types.UnionType):
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typ in (int, float) and isinstance(value, str):
+        try:  # PyYAML reads 1e6 (no dot) as a string
+            value = float(value.replace("_", ""))
+        except ValueError:
+            pass
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is int and isinstance(value, float) and value.is_integer():
-        return int(value)  # YAML reads 1e6 as a float
+        return int(value)
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
@@ -251,5 +262,11 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(cfg.analyze.shard_size >= 1, "analyze.shard_size", "must be >= 1")
     need(cfg.analyze.histogram_bins >= 2, "analyze.histogram_bins", "must be >= 2")
     need(cfg.analyze.map_method in ("umap", "pca"), "analyze.map_method", "must be umap or pca")
+    need(cfg.analyze.batch_tokens >= 1, "analyze.batch_tokens", "must be >= 1")
+    need(cfg.analyze.n_intervals >= 1, "analyze.n_intervals", "must be >= 1")
+    need(cfg.analyze.per_interval >= 0, "analyze.per_interval", "must be >= 0")
+    need(cfg.analyze.context_left >= 0, "analyze.context_left", "must be >= 0")
+    need(cfg.analyze.context_right >= 0, "analyze.context_right", "must be >= 0")
+    need(cfg.analyze.checkpoint_every >= 1, "analyze.checkpoint_every", "must be >= 1")
     need(cfg.export.top_k >= 1, "export.top_k", "must be >= 1")
     need(cfg.export.quantization in ("int8", "int4"), "export.quantization", "must be int8 or int4")

@@ -193,6 +193,7 @@ def load_model(name: str, revision: str = "main", device: str = "cpu", dtype: st
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     source = resolve_pretrained(name, revision)
     kw = {} if Path(source).exists() else {"revision": revision}
     try:

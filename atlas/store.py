@@ -131,11 +131,14 @@ class ActivationStore:
             self._file = h5py.File(self.path, "r")
             attrs = dict(self._file.attrs)
             self.info = StoreInfo(**{k: _plain(attrs[k]) for k in StoreInfo.__dataclass_fields__})
+        except (OSError, KeyError) as e:
+            raise AtlasError(f"{self.path}: not a readable activation store ({str(e).splitlines()[0]})") from None
+        self._check_parts(int(attrs.get("n_parts", 0)))
+        try:
             self.acts = self._file["acts"]
             self.tokens = self._file["tokens"][:]
         except (OSError, KeyError) as e:
             raise AtlasError(f"{self.path}: not a readable activation store ({str(e).splitlines()[0]})") from None
-        self._check_parts(int(attrs.get("n_parts", 0)))
         self.ctx_len = self.info.ctx_len
         self.d_model = self.info.d_model
         self.n_contexts = self.tokens.shape[0]

@@ -27,3 +27,21 @@ def browser():
 def pytest_report_header(config):
     if chromium_path() is None:
         return "NOTICE: chromium not found; browser tests will be skipped (apt-get install chromium to run them)"
+
+
+@pytest.fixture
+def tiny_config(tiny_world, tmp_path, monkeypatch):
+    """Write configs/tiny.yaml into a fresh folder pointing at the tiny world, chdir there, return its path.
+
+    Runs then land in tmp_path/runs/tiny/. Call `tiny_config.with_(key=value, ...)`-style overrides by
+    passing `--set` to the CLI, or edit the YAML.
+    """
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    raw["model"]["name"] = str(tiny_world / "model")
+    raw["corpus"]["dataset"] = str(tiny_world / "corpus.jsonl")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    return path

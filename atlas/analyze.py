@@ -1,0 +1,637 @@
+"""`atlas analyze`: turn an SAE and its activation store into the atlas' per-feature data.
+
+Three streaming passes, each vectorised in torch and bounded in memory by the number of features,
+never by the number of tokens (no tokens x d_sae matrix is ever held):
+
+1. Encode.  The store is read once in batches of `batch_tokens`; each batch is encoded by the SAE
+   and reduced to its nonzero entries (token, feature, activation). From them: firing counts,
+   sums, max and smallest positive activation per feature, and the running top-`n_top` examples
+   per feature (a [d_sae, n_top] buffer merged with the batch's candidates by a segmented top-k).
+   The nonzero entries are also spilled to `features.partial/` (8 bytes per entry + 4 per token;
+   about 2.6 GB for 10M tokens of a k=32 TopK SAE).
+2. Sample.  The spill is read back. The per-feature max is now known, so histogram edges
+   (log-spaced between the smallest positive and the max activation) and interval edges
+   (equal-width on (0, max], as in Anthropic's browser) are exact. Each interval keeps
+   `per_interval` examples by reservoir sampling: every entry gets a uniform random key from a
+   generator seeded by (seed, batch index), and a (feature, interval) keeps its largest keys,
+   a uniform sample without replacement that is the same however the run was interrupted.
+3. Windows.  The spill is read once more to fill, for every chosen example, the feature's
+   activation on each token of its window (`context_left` before, `context_right` after).
+
+Why spill rather than stream the store twice: the encoder matmul is the cost of analysis, and a
+second pass over the store would pay it twice (analysis could never reach the encoder's own
+throughput); the sparse spill is read back for a small fraction of that cost. Why not one pass
+with interval edges guessed from a first sample: rare features often do not fire in the sample,
+and activations above the guessed max would fall outside every interval.
+
+Then, per feature: logit effects (W_dec @ W_U, top and bottom `n_logits`), decoder-cosine
+neighbours (computed in blocks of rows, never d_sae x d_sae), 2-D map coordinates
+(atlas/featuremap.py) and a label (atlas/labels.py). Output is written to `features/` through
+atlas.stage.atomic_dir as zstd Parquet shards (schemas in atlas/shards.py), `vocab.parquet`, and
+`manifest.json` last. The streaming state is checkpointed every `checkpoint_every` batches to
+`features.partial/state.pt`; an interrupted run continues from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from atlas import distributed
+from atlas.config import RunConfig
+from atlas.errors import AtlasError
+from atlas.featuremap import map_coordinates, unit_rows
+from atlas.labels import Evidence, get_explainer
+from atlas.shards import (EXAMPLES_SCHEMA, FEATURES_SCHEMA, SCHEMA_VERSION, VOCAB_SCHEMA, shard_name,
+                          write_table)
+from atlas.stage import atomic_dir, fingerprint, is_current, upstream_fingerprint
+
+PARTIAL_SUFFIX = ".partial"
+_NEG = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run(cfg: RunConfig, force: bool = False) -> Path:
+    a = cfg.analyze
+    store_path, sae_dir, out = cfg.run_dir / "activations.h5", cfg.run_dir / "sae", cfg.run_dir / "features"
+    fp = fingerprint(cfg.section_hash("analyze"), upstream_fingerprint(store_path, "collect"),
+                     upstream_fingerprint(sae_dir, "train"))
+    if is_current(out, fp) and not force:
+        print(f"analyze: {out} is up to date")
+        return out
+    rank, _ = distributed.rank_and_world()
+    if rank != 0:  # analysis runs on one process; other torchrun ranks wait for it
+        distributed.barrier()
+        return out
+    get_explainer(a.explainer)  # fail on a bad name before hours of work
+
+    from atlas.model import load_model, resolve_device
+    from atlas.store import ActivationStore
+
+    device = resolve_device(cfg.model.device)
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    if force and partial.exists():
+        shutil.rmtree(partial)
+    with ActivationStore(store_path) as store:
+        sae = _load_sae(sae_dir)
+        _to_device(sae, device)
+        w_dec = sae.W_dec.detach().float()
+        if w_dec.shape[1] != store.d_model:
+            raise AtlasError(f"{sae_dir}: SAE d_in {w_dec.shape[1]} does not match the store's d_model {store.d_model}")
+        stream = analyze_stream(store, sae.encode, w_dec.shape[0], a, partial, fp, device)
+        loaded = load_model(cfg.model.name, cfg.model.revision, "cpu", "float32")
+        w_u = loaded.unembedding()
+        vocab = vocab_texts(loaded.tokenizer)
+        with atomic_dir(out, fp, stage="analyze") as tmp:
+            manifest = write_features(tmp, stream, w_dec.cpu(), w_u, vocab, a, store.tokens)
+            manifest.update(run_metadata(cfg, store, sae_dir, w_u is not None))
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"analyze: wrote {out} ({manifest['n_features']:,} features, {manifest['n_dead']:,} dead, "
+          f"{manifest['n_dense']:,} dense, {manifest['n_tokens']:,} tokens)")
+    distributed.barrier()
+    return out
+
+
+def _load_sae(sae_dir: Path):
+    from atlas.saes import load_sae
+
+    return load_sae(sae_dir)
+
+
+def _to_device(sae, device: torch.device) -> None:
+    if hasattr(sae, "to"):
+        sae.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming state
+
+
+@dataclass
+class StreamResult:
+    """Everything the streaming passes learn; all tensors on the CPU, indexed by feature id."""
+
+    n_tokens: int
+    """Tokens analysed (BOS positions excluded when analyze.skip_bos)."""
+    n_fired: torch.Tensor
+    sum_act: torch.Tensor
+    max_act: torch.Tensor
+    hist_edges: torch.Tensor
+    """[d_sae, bins + 1] log-spaced; bins are [e_j, e_j+1), the last one closed."""
+    hist_counts: torch.Tensor
+    interval_edges: torch.Tensor
+    """[d_sae, n_intervals + 1] = max * linspace(0, 1); intervals are (e_i, e_i+1]."""
+    top_val: torch.Tensor
+    """[d_sae, n_top], descending; -inf where a feature has fewer firing tokens."""
+    top_pos: torch.Tensor
+    """Store rows (context * ctx_len + offset) of the top examples; -1 where empty."""
+    res_val: torch.Tensor
+    """[d_sae, n_intervals, per_interval] activations of the interval samples."""
+    res_pos: torch.Tensor
+    """[d_sae, n_intervals, per_interval] store rows; -1 where an interval has fewer members."""
+    windows: "Windows"
+
+
+@dataclass
+class Windows:
+    """The shown window of every example: example i covers flat[offsets[i]:offsets[i+1]]."""
+
+    start_row: torch.Tensor
+    offsets: torch.Tensor
+    acts: torch.Tensor
+
+
+class Spill:
+    """The nonzero codes of pass 1 on disk: per token its count, per entry feature id and value."""
+
+    def __init__(self, folder: Path):
+        self.counts, self.feats, self.vals = (folder / "codes.counts", folder / "codes.feats", folder / "codes.vals")
+
+    def truncate(self, n_tokens: int, n_entries: int) -> None:
+        for path, n in ((self.counts, n_tokens), (self.feats, n_entries), (self.vals, n_entries)):
+            with open(path, "ab") as f:
+                f.truncate(4 * n)
+
+    def append(self, counts: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor) -> None:
+        for path, t, dtype in ((self.counts, counts, np.int32), (self.feats, feats, np.int32),
+                               (self.vals, vals, np.float32)):
+            with open(path, "ab") as f:
+                f.write(t.cpu().numpy().astype(dtype, copy=False).tobytes())
+
+    def batches(self, n_tokens: int, batch_tokens: int, start_token: int = 0, start_entry: int = 0):
+        """Yield (batch index, first row, rows [n] int64, feats [n] int64, vals [n] float32)."""
+        counts = np.memmap(self.counts, np.int32, "r", shape=(n_tokens,)) if n_tokens else np.zeros(0, np.int32)
+        n_entries = os.path.getsize(self.feats) // 4
+        feats = np.memmap(self.feats, np.int32, "r", shape=(n_entries,)) if n_entries else np.zeros(0, np.int32)
+        vals = np.memmap(self.vals, np.float32, "r", shape=(n_entries,)) if n_entries else np.zeros(0, np.float32)
+        e = start_entry
+        for s in range(start_token, n_tokens, batch_tokens):
+            c = torch.from_numpy(np.array(counts[s:s + batch_tokens], dtype=np.int64))
+            n = int(c.sum())
+            rows = torch.repeat_interleave(torch.arange(s, s + len(c)), c)
+            yield (s // batch_tokens, s, rows, torch.from_numpy(np.array(feats[e:e + n], dtype=np.int64)),
+                   torch.from_numpy(np.array(vals[e:e + n])), e + n)
+            e += n
+
+
+def merge_topk(buf_score: torch.Tensor, group: torch.Tensor, score: torch.Tensor,
+               buf_payloads: list[torch.Tensor], payloads: list[torch.Tensor]) -> None:
+    """Merge candidates into per-group top-m buffers, in place.
+
+    `buf_score` [G, m] holds each group's best scores in descending order (-inf where empty);
+    candidates are (group, score, payloads...). Only candidates above their group's current
+    m-th score are considered; they are ranked within their group and merged by one torch.topk
+    over [touched groups, 2m].
+    """
+    m = buf_score.shape[1]
+    if m == 0 or len(score) == 0:
+        return
+    keep = score > buf_score[group, -1]
+    if not bool(keep.any()):
+        return
+    group, score = group[keep], score[keep]
+    payloads = [p[keep] for p in payloads]
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    group, score = group[order], score[order]
+    payloads = [p[order] for p in payloads]
+    uniq, counts = torch.unique_consecutive(group, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(group), device=group.device) - torch.repeat_interleave(starts, counts)
+    sel = rank < m
+    slot = torch.repeat_interleave(torch.arange(len(uniq), device=group.device), counts)[sel]
+    rank = rank[sel]
+    cand = torch.full((len(uniq), m), _NEG, dtype=buf_score.dtype, device=buf_score.device)
+    cand[slot, rank] = score[sel].to(buf_score.dtype)
+    merged, idx = torch.cat([buf_score[uniq], cand], 1).topk(m, dim=1)
+    buf_score[uniq] = merged
+    for buf, p in zip(buf_payloads, payloads):
+        c = torch.full((len(uniq), m), -1, dtype=buf.dtype, device=buf.device)
+        c[slot, rank] = p[sel].to(buf.dtype)
+        buf[uniq] = torch.cat([buf[uniq], c], 1).gather(1, idx)
+
+
+def _locate(edges: torch.Tensor, feat: torch.Tensor, val: torch.Tensor, guess: torch.Tensor,
+            right_closed: bool) -> torch.Tensor:
+    """Bin of each value among its feature's edges, from an arithmetic guess corrected against the
+    stored float32 edges, so that a value's bin always agrees with the edges written out."""
+    n = edges.shape[1] - 1
+    i = guess.clamp(0, n - 1)
+    lo, hi = edges[feat, i], edges[feat, i + 1]
+    if right_closed:  # (lo, hi]
+        i = i - ((val <= lo) & (i > 0)).long() + ((val > hi) & (i < n - 1)).long()
+    else:  # [lo, hi)
+        i = i - ((val < lo) & (i > 0)).long() + ((val >= hi) & (i < n - 1)).long()
+    return i
+
+
+# --------------------------------------------------------------------------------------------
+# The three passes
+
+
+def _rng(seed: int, batch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch)
+
+
+def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
+                   device: torch.device = torch.device("cpu")) -> StreamResult:
+    """Run (or resume) the three streaming passes over `store` with the SAE encoder `encode`."""
+    partial.mkdir(parents=True, exist_ok=True)
+    ckpt = partial / "state.pt"
+    state = _load_state(ckpt, fp)
+    spill = Spill(partial)
+    n_tok, L = store.n_tokens, store.ctx_len
+    B = a.batch_tokens
+    if state is None:
+        f64, f32 = dict(dtype=torch.float64, device=device), dict(dtype=torch.float32, device=device)
+        state = dict(
+            fingerprint=fp, phase="encode", tokens_done=0, entries_done=0,
+            n_fired=torch.zeros(d_sae, dtype=torch.int64, device=device), sum_act=torch.zeros(d_sae, **f64),
+            max_act=torch.zeros(d_sae, **f32), min_act=torch.full((d_sae,), float("inf"), **f32),
+            top_val=torch.full((d_sae, a.n_top), _NEG, **f32),
+            top_pos=torch.full((d_sae, a.n_top), -1, dtype=torch.int64, device=device),
+        )
+        spill.truncate(0, 0)
+    else:
+        state = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}
+
+    def save():
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}, tmp)
+        os.replace(tmp, ckpt)
+
+    # Pass 1: encode, statistics, top-k, spill.
+    if state["phase"] == "encode":
+        spill.truncate(state["tokens_done"], state["entries_done"])
+        bar = tqdm(total=n_tok, initial=state["tokens_done"], unit="tok", unit_scale=True, desc="analyze: encode")
+        with torch.inference_mode():
+            for i, (start, x) in enumerate(store.iter_batches(B, range(state["tokens_done"], n_tok))):
+                codes = encode(x.to(device))
+                if a.skip_bos:
+                    first = (-start) % L
+                    codes[first::L] = 0
+                tok, feat = (codes > 0).nonzero(as_tuple=True)
+                val = codes[tok, feat].float()
+                rows = tok + start
+                state["n_fired"] += torch.bincount(feat, minlength=d_sae)
+                state["sum_act"] += torch.bincount(feat, weights=val.double(), minlength=d_sae)
+                state["max_act"].scatter_reduce_(0, feat, val, "amax")
+                state["min_act"].scatter_reduce_(0, feat, val, "amin")
+                merge_topk(state["top_val"], feat, val, [state["top_pos"]], [rows])
+                spill.append(torch.bincount(tok, minlength=len(x)), feat, val)
+                state["tokens_done"] = start + len(x)
+                state["entries_done"] += len(val)
+                bar.update(len(x))
+                if (i + 1) % a.checkpoint_every == 0:
+                    save()
+        bar.close()
+        state.update(phase="sample", sample_tokens=0, sample_entries=0, **_sample_init(state, d_sae, a, device))
+        save()
+
+    # Pass 2: histograms and interval reservoirs, with exact edges.
+    if state["phase"] == "sample":
+        G = d_sae * a.n_intervals
+        bar = tqdm(total=n_tok, initial=state["sample_tokens"], unit="tok", unit_scale=True, desc="analyze: sample")
+        batches = spill.batches(n_tok, B, state["sample_tokens"], state["sample_entries"])
+        for i, (b, start, rows, feat, val, e_next) in enumerate(batches):
+            rows, feat, val = rows.to(device), feat.to(device), val.to(device)
+            _sample_batch(state, a, rows, feat, val, _rng(a.seed, b), d_sae)
+            state["sample_tokens"], state["sample_entries"] = min(start + B, n_tok), e_next
+            bar.update(min(B, n_tok - start))
+            if (i + 1) % a.checkpoint_every == 0:
+                save()
+        bar.close()
+        assert state["res_key"].shape[0] == G
+        state["phase"] = "windows"
+        save()
+
+    # Pass 3: per-token activations of the chosen examples' windows.
+    cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+    res_pos = cpu["res_pos"].view(d_sae, a.n_intervals, a.per_interval)
+    ex_feat, ex_row = _example_list(cpu["top_pos"], res_pos)
+    windows = _fill_windows(spill, n_tok, L, B, d_sae, ex_feat, ex_row, a.context_left, a.context_right)
+    return StreamResult(
+        n_tokens=n_tok - (store.n_contexts if a.skip_bos else 0),
+        n_fired=cpu["n_fired"], sum_act=cpu["sum_act"], max_act=cpu["max_act"],
+        hist_edges=cpu["hist_edges"], hist_counts=cpu["hist_counts"].view(d_sae, -1),
+        interval_edges=cpu["interval_edges"], top_val=cpu["top_val"], top_pos=cpu["top_pos"],
+        res_val=cpu["res_val"].view(d_sae, a.n_intervals, a.per_interval), res_pos=res_pos, windows=windows,
+    )
+
+
+def _load_state(ckpt: Path, fp: str) -> dict | None:
+    if not ckpt.exists():
+        return None
+    try:
+        state = torch.load(ckpt, weights_only=True)
+    except Exception:
+        return None  # a checkpoint of an older layout or a torn write: start afresh
+    return state if state.get("fingerprint") == fp else None
+
+
+def _sample_init(state: dict, d_sae: int, a, device) -> dict:
+    """Exact per-feature edges from pass 1, and empty histograms and reservoirs."""
+    mx, mn = state["max_act"], state["min_act"]
+    fired = state["n_fired"] > 0
+    lo = torch.where(fired, mn, torch.ones_like(mn))
+    hi = torch.where(fired, mx, torch.ones_like(mx))
+    lo = torch.where(hi > lo, lo, hi / 2)  # a feature with one distinct value gets one octave
+    t = torch.linspace(0, 1, a.histogram_bins + 1, dtype=torch.float64, device=device)
+    hist_edges = torch.exp(lo.double().log()[:, None] + t[None] * (hi.double().log() - lo.double().log())[:, None])
+    hist_edges[:, 0], hist_edges[:, -1] = lo.double(), hi.double()
+    u = torch.linspace(0, 1, a.n_intervals + 1, dtype=torch.float64, device=device)
+    interval_edges = (mx.double()[:, None] * u[None]).float()
+    G = d_sae * a.n_intervals
+    return dict(
+        hist_edges=hist_edges.float(), interval_edges=interval_edges,
+        hist_counts=torch.zeros(d_sae * a.histogram_bins, dtype=torch.int64, device=device),
+        res_key=torch.full((G, a.per_interval), _NEG, dtype=torch.float32, device=device),
+        res_pos=torch.full((G, a.per_interval), -1, dtype=torch.int64, device=device),
+        res_val=torch.zeros((G, a.per_interval), dtype=torch.float32, device=device),
+    )
+
+
+def _sample_batch(state: dict, a, rows, feat, val, gen: torch.Generator, d_sae: int) -> None:
+    nb, ni = a.histogram_bins, a.n_intervals
+    he, ie = state["hist_edges"], state["interval_edges"]
+    lo, hi = he[feat, 0].double(), he[feat, -1].double()
+    guess = ((val.double().log() - lo.log()) / (hi.log() - lo.log()) * nb).floor().long()
+    hbin = _locate(he, feat, val, guess, right_closed=False)
+    state["hist_counts"] += torch.bincount(feat * nb + hbin, minlength=d_sae * nb)
+    guess = (val.double() / ie[feat, -1].double() * ni).ceil().long() - 1
+    ibin = _locate(ie, feat, val, guess, right_closed=True)
+    keys = torch.rand(len(val), generator=gen).to(val.device)
+    merge_topk(state["res_key"], feat * ni + ibin, keys, [state["res_pos"], state["res_val"]], [rows, val])
+
+
+def _example_list(top_pos: torch.Tensor, res_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature, row) of every example, in output order: per feature, top then intervals."""
+    d_sae = top_pos.shape[0]
+    allpos = torch.cat([top_pos, res_pos.reshape(d_sae, -1)], 1)
+    feat = torch.arange(d_sae)[:, None].expand_as(allpos)
+    ok = allpos >= 0
+    return feat[ok], allpos[ok]
+
+
+def _fill_windows(spill: Spill, n_tok: int, L: int, B: int, d_sae: int, ex_feat: torch.Tensor,
+                  ex_row: torch.Tensor, left: int, right: int) -> Windows:
+    ctx, off = ex_row // L, ex_row % L
+    lo = (off - left).clamp_min(0)
+    hi = (off + right + 1).clamp_max(L)
+    start = ctx * L + lo
+    width = hi - lo
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(width, 0)])
+    total = int(offsets[-1])
+    rows = torch.repeat_interleave(start, width) + (torch.arange(total) - torch.repeat_interleave(offsets[:-1], width))
+    keys = rows * d_sae + torch.repeat_interleave(ex_feat, width)
+    uk, inv = torch.unique(keys, return_inverse=True)
+    found = torch.zeros(len(uk), dtype=torch.float32)
+    if len(uk):
+        first, last = int(uk[0] // d_sae), int(uk[-1] // d_sae)
+        s0 = (first // B) * B
+        entry0 = 0
+        if s0:
+            counts = np.memmap(spill.counts, np.int32, "r", shape=(n_tok,))
+            entry0 = int(counts[:s0].sum(dtype=np.int64))
+        bar = tqdm(total=last + 1 - s0, unit="tok", unit_scale=True, desc="analyze: windows")
+        for _, s, r, f, v, _ in spill.batches(n_tok, B, s0, entry0):
+            if s > last:
+                break
+            k = r * d_sae + f
+            idx = torch.searchsorted(uk, k).clamp_max(len(uk) - 1)
+            hit = uk[idx] == k
+            found[idx[hit]] = v[hit]
+            bar.update(min(B, n_tok - s))
+        bar.close()
+    return Windows(start_row=start, offsets=offsets, acts=found[inv])
+
+
+# --------------------------------------------------------------------------------------------
+# Per-feature results and output
+
+
+def logit_effects(w_dec: torch.Tensor, w_u: torch.Tensor | None, n: int, block: int = 1024):
+    """Top and bottom `n` output tokens of W_dec @ W_U, in blocks of features.
+
+    Returns (top_ids, top_vals, bottom_ids, bottom_vals), each [d_sae, n] (n = 0 without W_U);
+    bottom is in ascending order (most negative first).
+    """
+    d_sae = w_dec.shape[0]
+    if w_u is None or n == 0:
+        e = torch.zeros(d_sae, 0)
+        return e.long(), e, e.long(), e
+    n = min(n, w_u.shape[1])
+    out = [[], [], [], []]
+    for s in range(0, d_sae, block):
+        eff = w_dec[s:s + block].float() @ w_u.float()
+        tv, ti = eff.topk(n, dim=1)
+        bv, bi = eff.topk(n, dim=1, largest=False)
+        for lst, t in zip(out, (ti, tv, bi, bv)):
+            lst.append(t)
+    return tuple(torch.cat(x) for x in out)
+
+
+def neighbours(w_dec: torch.Tensor, n: int, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `n` nearest other features of each feature by decoder cosine: (ids, cosines) [d_sae, n].
+
+    Computed block by block ([block, d_sae] at a time), never as a d_sae x d_sae matrix.
+    """
+    u = unit_rows(w_dec)
+    d_sae = u.shape[0]
+    n = min(n, d_sae - 1)
+    ids, cos = [], []
+    for s in range(0, d_sae, block):
+        sim = u[s:s + block] @ u.T
+        r = torch.arange(sim.shape[0])
+        sim[r, r + s] = _NEG
+        v, i = sim.topk(n, dim=1)
+        ids.append(i)
+        cos.append(v)
+    return torch.cat(ids), torch.cat(cos)
+
+
+def vocab_texts(tokenizer) -> list[str]:
+    """Display text of every token id: decoded, so byte-level 'Ġthe' shows as ' the'."""
+    n = len(tokenizer)
+    return [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(n)]
+
+
+def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: list[str], a,
+                   tokens: np.ndarray) -> dict:
+    """Write the shards and vocab.parquet into `out`; return the manifest's shard/analysis keys."""
+    d_sae = w_dec.shape[0]
+    flat_tokens = torch.from_numpy(np.ascontiguousarray(tokens).reshape(-1).astype(np.int32))
+    t0 = time.perf_counter()
+    top_ids, top_vals, bot_ids, bot_vals = logit_effects(w_dec, w_u, a.n_logits)
+    nb_ids, nb_cos = neighbours(w_dec, a.n_neighbours)
+    xy = map_coordinates(w_dec, a.map_method, a.seed)
+    t_post = time.perf_counter() - t0
+
+    n_fired = s.n_fired
+    density = n_fired.double() / max(s.n_tokens, 1)
+    mean_act = torch.where(n_fired > 0, s.sum_act / n_fired.clamp_min(1), torch.zeros_like(s.sum_act))
+    is_dead = n_fired == 0
+    is_dense = density > a.dense_threshold
+
+    # Example rows, in the order of _example_list: per feature, top (rank 0..) then intervals.
+    n_top, ni, per = a.n_top, a.n_intervals, a.per_interval
+    kind_top = torch.cat([torch.ones(d_sae, n_top, dtype=torch.bool), torch.zeros(d_sae, ni * per, dtype=torch.bool)], 1)
+    interval = torch.cat([torch.full((d_sae, n_top), -1), torch.arange(ni).repeat_interleave(per).expand(d_sae, -1)], 1)
+    rank = torch.cat([torch.arange(n_top).expand(d_sae, -1), torch.arange(per).repeat(ni).expand(d_sae, -1)], 1)
+    allpos = torch.cat([s.top_pos, s.res_pos.reshape(d_sae, -1)], 1)
+    allval = torch.cat([s.top_val, s.res_val.reshape(d_sae, -1)], 1)
+    ok = allpos >= 0
+    ex_feat = torch.arange(d_sae)[:, None].expand_as(allpos)[ok]
+    ex_row, ex_val = allpos[ok], allval[ok]
+    ex_top, ex_int, ex_rank = kind_top[ok], interval[ok], rank[ok]
+    # Interval ranks count only filled slots (reservoir slots fill in order, so this is a no-op
+    # except where an interval has fewer members than per_interval).
+    L = tokens.shape[1]
+    w = s.windows
+    win_tokens = flat_tokens[torch.repeat_interleave(w.start_row, w.offsets.diff()) +
+                             (torch.arange(int(w.offsets[-1])) - torch.repeat_interleave(w.offsets[:-1], w.offsets.diff()))]
+
+    labels = _labels(a, s, ex_feat, ex_row, flat_tokens, L, w, win_tokens, vocab, is_dead, density, top_ids)
+
+    ex_bounds = torch.searchsorted(ex_feat, torch.arange(0, d_sae + a.shard_size, a.shard_size).clamp_max(d_sae))
+    n_shards = (d_sae + a.shard_size - 1) // a.shard_size
+    for sh in range(n_shards):
+        f0, f1 = sh * a.shard_size, min((sh + 1) * a.shard_size, d_sae)
+        fids = range(f0, f1)
+
+        def lists(t: torch.Tensor, empty_if=None):
+            rows = t[f0:f1].tolist()
+            if empty_if is not None:
+                rows = [[] if e else r for r, e in zip(rows, empty_if[f0:f1].tolist())]
+            return rows
+
+        feats = pa.table({
+            "feature_id": pa.array(fids, pa.int32()),
+            "label": labels[f0:f1],
+            "label_source": [a.explainer] * (f1 - f0),
+            "n_fired": n_fired[f0:f1].numpy(),
+            "density": density[f0:f1].float().numpy(),
+            "mean_act": mean_act[f0:f1].float().numpy(),
+            "max_act": s.max_act[f0:f1].numpy(),
+            "hist_edges": lists(s.hist_edges, is_dead),
+            "hist_counts": lists(s.hist_counts, is_dead),
+            "interval_edges": lists(s.interval_edges, is_dead),
+            "top_logit_ids": lists(top_ids), "top_logit_values": lists(top_vals),
+            "bottom_logit_ids": lists(bot_ids), "bottom_logit_values": lists(bot_vals),
+            "neighbour_ids": lists(nb_ids), "neighbour_cosines": lists(nb_cos),
+            "map_x": xy[f0:f1, 0], "map_y": xy[f0:f1, 1],
+            "is_dead": is_dead[f0:f1].numpy(), "is_dense": is_dense[f0:f1].numpy(),
+        })
+        write_table(out / shard_name("features", sh), feats, FEATURES_SCHEMA)
+
+        e0, e1 = int(ex_bounds[sh]), int(ex_bounds[sh + 1])
+        offs = w.offsets[e0:e1 + 1]
+        base = int(offs[0]) if len(offs) else 0
+        rel = pa.array((offs - base).numpy().astype(np.int32))
+        rows = ex_row[e0:e1]
+        examples = pa.table({
+            "feature_id": ex_feat[e0:e1].numpy().astype(np.int32),
+            "kind": np.where(ex_top[e0:e1].numpy(), "top", "interval"),
+            "interval": ex_int[e0:e1].numpy().astype(np.int16),
+            "rank": ex_rank[e0:e1].numpy().astype(np.int16),
+            "context": (rows // L).numpy().astype(np.int32),
+            "offset": (rows % L).numpy().astype(np.int32),
+            "activation": ex_val[e0:e1].numpy(),
+            "window_start": (w.start_row[e0:e1] % L).numpy().astype(np.int32),
+            "token_ids": pa.ListArray.from_arrays(rel, pa.array(win_tokens[base:int(offs[-1]) if len(offs) else 0].numpy())),
+            "acts": pa.ListArray.from_arrays(rel, pa.array(w.acts[base:int(offs[-1]) if len(offs) else 0].numpy())),
+        })
+        write_table(out / shard_name("examples", sh), examples, EXAMPLES_SCHEMA)
+
+    write_table(out / "vocab.parquet", pa.table({"token_id": pa.array(range(len(vocab)), pa.int32()), "text": vocab}),
+                VOCAB_SCHEMA)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "n_features": d_sae,
+        "shard_size": a.shard_size,
+        "n_shards": n_shards,
+        "n_tokens": s.n_tokens,
+        "n_dead": int(is_dead.sum()),
+        "n_dense": int(is_dense.sum()),
+        "n_examples": int(len(ex_feat)),
+        "vocab_size": len(vocab),
+        "has_logits": w_u is not None,
+        "map_method": a.map_method if not (a.map_method == "umap" and d_sae < 32) else "pca",
+        "label_source": a.explainer,
+        "analyze": asdict(a),
+        "postprocess_seconds": round(t_post, 2),
+    }
+
+
+def _labels(a, s: StreamResult, ex_feat, ex_row, flat_tokens, L: int, w: Windows, win_tokens, vocab,
+            is_dead, density, top_ids, chunk: int = 1024) -> list[str]:
+    """Labels from the explainer, asked in chunks of features so the evidence stays small."""
+    explainer = get_explainer(a.explainer)
+    d_sae = s.top_pos.shape[0]
+    ex_start = torch.searchsorted(ex_feat, torch.arange(d_sae + 1)).numpy()
+    n_top = (s.top_pos >= 0).sum(1).numpy()  # a feature's top examples come first among its rows
+    rows, tokens = ex_row.numpy(), flat_tokens.numpy()
+    offsets, acts, wt = w.offsets.numpy(), w.acts.numpy(), win_tokens.numpy()
+    labels: list[str] = []
+    for c0 in range(0, d_sae, chunk):
+        evidence = []
+        for f in range(c0, min(c0 + chunk, d_sae)):
+            e0, e1 = ex_start[f], ex_start[f] + n_top[f]
+            r = rows[e0:e1]
+            evidence.append(Evidence(
+                f, bool(is_dead[f]), float(density[f]), float(s.max_act[f]),
+                top_token_ids=tokens[r].tolist(),
+                prev_token_ids=np.where(r % L > 0, tokens[np.maximum(r - 1, 0)], -1).tolist(),
+                windows=[wt[offsets[e]:offsets[e + 1]].tolist() for e in range(e0, e1)],
+                window_acts=[acts[offsets[e]:offsets[e + 1]].tolist() for e in range(e0, e1)],
+                top_logit_ids=top_ids[f].tolist(),
+            ))
+        got = explainer.explain(evidence, vocab)
+        if len(got) != len(evidence):
+            raise AtlasError(f"explainer '{a.explainer}' returned {len(got)} labels for {len(evidence)} features")
+        labels += [str(x) for x in got]
+    return labels
+
+
+def run_metadata(cfg: RunConfig, store, sae_dir: Path, has_logits: bool) -> dict:
+    """Manifest keys describing the run: model, hook, store, SAE config and training metrics."""
+
+    def read_json(p: Path) -> dict:
+        try:
+            return json.loads(p.read_text())
+        except FileNotFoundError:
+            return {}
+        except json.JSONDecodeError as e:
+            raise AtlasError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+    info = store.info
+    return {
+        "run": cfg.name,
+        "model": info.model,
+        "revision": info.revision,
+        "layer": info.layer,
+        "hook_name": info.hook_name,
+        "d_model": info.d_model,
+        "ctx_len": info.ctx_len,
+        "n_contexts": info.n_contexts,
+        "tokenizer_hash": info.tokenizer_hash,
+        "bos_token_id": info.bos_token_id,
+        "skip_bos": cfg.analyze.skip_bos,
+        "has_logits": has_logits,
+        "sae_cfg": read_json(sae_dir / "cfg.json"),
+        "metrics": read_json(sae_dir / "metrics.json"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

@@ -1,0 +1,341 @@
+"""`atlas build`: features/ (+ sae/metrics.jsonl, + onnx/) -> site/, a static MkDocs-Material site.
+
+1. Read the small columns of every feature (labels, density, …) once.
+2. Copy site_src/ to a temporary docs dir, write the generated pages into it (home, notable
+   features, the feature-page skeleton under features/), and run MkDocs on it: the shell.
+3. Stamp one page per feature from the built skeleton (atlas/pages.py), shard by shard in
+   worker processes, and write the explorer/map/search indexes (atlas/search_index.py).
+4. Copy the vendored npm files (site_src/vendor.json) and the web encoder (onnx/), put a
+   Content-Security-Policy <meta> in every page, and check that no file is over 95 MB.
+
+The site links relatively everywhere (`use_directory_urls: false`), so it works at a GitHub
+Pages sub-path, from `python -m http.server` and from file://.
+
+vendor.json (written by the export stage's owner) maps site paths to files or folders in the
+repository, e.g. {"vendor/katex/katex.min.js": "node_modules/katex/dist/katex.min.js"}; a list
+of {"from": …, "to": …} objects or {"files": {…}} is read the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from markupsafe import Markup
+
+from atlas import pages, search_index, shards
+from atlas.config import RunConfig
+from atlas.errors import AtlasError
+from atlas.stage import atomic_dir, fingerprint, is_current, upstream_fingerprint
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE_SRC = ROOT / "site_src"
+MKDOCS_YML = ROOT / "mkdocs.yml"
+MAX_FILE_BYTES = 95 * 1024 * 1024
+NOTABLE_MARK = "@@ATLAS_NOTABLE@@"
+
+CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'{hashes}; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self' data: blob:; worker-src 'self' blob:; "
+       "object-src 'none'; base-uri 'self'; form-action 'self'")
+_INLINE_SCRIPT = re.compile(r"<script(\s[^>]*)?>(.*?)</script>", re.S)
+
+
+def run(cfg: RunConfig, force: bool = False) -> Path:
+    """Build runs/<name>/site from the run's features (skipped when already current)."""
+    run_dir = cfg.run_dir
+    features_dir, onnx_dir, out = run_dir / "features", run_dir / "onnx", run_dir / "site"
+    upstream = [upstream_fingerprint(features_dir, "analyze")]
+    if onnx_dir.exists():
+        upstream.append(upstream_fingerprint(onnx_dir, "export"))
+    fp = fingerprint(cfg.section_hash("build"), *upstream, _source_hash())
+    if not force and is_current(out, fp):
+        print(f"build: {out} is current (use --force to rebuild)", file=sys.stderr)
+        return out
+    manifest = shards.read_manifest(features_dir)
+    with atomic_dir(out, fp, features=str(features_dir)) as tmp:
+        build_site(cfg, manifest, features_dir, tmp, metrics_path=run_dir / "sae" / "metrics.jsonl",
+                   onnx_dir=onnx_dir if onnx_dir.exists() else None)
+    return out
+
+
+def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *, metrics_path: Path | None = None,
+               onnx_dir: Path | None = None, workers: int | None = None) -> dict:
+    """Write the whole site into `site`; returns timings in seconds (for the benchmark)."""
+    import time
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    table = search_index.read_feature_table(features_dir)
+    vocab = shards.read_vocab(features_dir)
+    with tempfile.TemporaryDirectory(prefix="atlas-docs-") as docs:
+        docs = Path(docs)
+        write_docs(docs, cfg, manifest, table, _read_metrics(metrics_path))
+        build_shell(docs, site, cfg)
+    add_csp(site)
+    t_shell = time.perf_counter()
+
+    skel_dir = site / "features" / pages.SKELETON
+    skeleton = pages.Skeleton.from_html((skel_dir / "index.html").read_text(encoding="utf-8"))
+    shutil.rmtree(skel_dir)
+    facts = pages.SiteFacts(n_features=table.n, labels=_dense_labels(table), vocab=vocab,
+                            has_logits=bool(manifest.get("has_logits", True)))
+    n_shards = len(list(features_dir.glob("features-*.parquet")))
+    parts = []
+    with tqdm(total=n_shards, desc="feature pages", unit="shard", disable=None) as bar:
+        for part in pages.render_all(features_dir, site / "features", skeleton, facts, workers, bar.update):
+            parts.append(part)
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    top_token = np.full(table.n, -1, np.int32)
+    consistency = np.zeros(table.n, np.float32)
+    top_token[cat["ids"]], consistency[cat["ids"]] = cat["top_token"], cat["consistency"]
+    t_pages = time.perf_counter()
+
+    data = site / "data"
+    search_index.write_features(data, table, top_token[table.ids], vocab)
+    search_index.write_tokens(data, cat["tok_token"], cat["tok_feature"], cat["tok_act"], vocab)
+    fill_notable(site, features_dir, manifest, table, top_token, consistency, facts)
+    copy_vendor(site)
+    if onnx_dir is not None:
+        copy_onnx(onnx_dir, site)
+    check_sizes(site)
+    return {"shell_s": t_shell - t0, "pages_s": t_pages - t_shell, "indexes_s": time.perf_counter() - t_pages,
+            "total_s": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------- the MkDocs shell
+
+
+def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, metrics: list[dict]):
+    """site_src/ plus the generated pages, ready for MkDocs."""
+    shutil.copytree(SITE_SRC, docs, dirs_exist_ok=True)
+    env = pages.jinja_env()
+    (docs / "index.md").write_text(env.get_template("home.md").render(home_view(cfg, manifest, table, metrics)))
+    (docs / "notable.md").write_text(env.get_template("notable.md").render(mark=NOTABLE_MARK))
+    skel = docs / "features" / pages.SKELETON
+    skel.mkdir(parents=True)
+    (skel / "index.md").write_text(f"---\ntitle: {pages.TITLE_MARK}\nsearch:\n  exclude: true\n---\n\n{pages.CONTENT_MARK}\n")
+    if not (docs / "prompt.md").exists():
+        (docs / "prompt.md").write_text("# Try a prompt\n\nThe in-browser prompt analyser is not part of this build.\n")
+
+
+def build_shell(docs: Path, site: Path, cfg: RunConfig) -> None:
+    from mkdocs.commands.build import build
+    from mkdocs.config import load_config
+    from mkdocs.exceptions import MkDocsException
+
+    for name in ("mkdocs", "material"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        mk = load_config(config_file=str(MKDOCS_YML), docs_dir=str(docs), site_dir=str(site),
+                         site_name=cfg.build.title, site_url=cfg.build.site_url or None)
+        build(mk)
+    except MkDocsException as e:
+        raise AtlasError(f"{MKDOCS_YML}: MkDocs failed: {e}") from None
+    # the skeleton is not a page of the site: keep it out of the sitemap
+    for sm in ("sitemap.xml", "sitemap.xml.gz"):
+        (site / sm).unlink(missing_ok=True)
+
+
+def add_csp(site: Path) -> None:
+    """A Content-Security-Policy <meta> first in every page's <head>, with the hashes of its inline scripts."""
+    for path in site.rglob("*.html"):
+        text = path.read_text(encoding="utf-8")
+        (path).write_text(with_csp(text), encoding="utf-8")
+
+
+def with_csp(text: str) -> str:
+    hashes = []
+    for m in _INLINE_SCRIPT.finditer(text):
+        attrs = m.group(1) or ""
+        if "src=" in attrs or re.search(r'type="(application/json|text/template)"', attrs):
+            continue
+        digest = base64.b64encode(hashlib.sha256(m.group(2).encode()).digest()).decode()
+        hashes.append(f"'sha256-{digest}'")
+    policy = CSP.format(hashes="".join(" " + h for h in dict.fromkeys(hashes)))
+    meta = f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
+    head = re.search(r"<head[^>]*>", text)
+    if head is None:
+        return text
+    return text[:head.end()] + "\n    " + meta + text[head.end():]
+
+
+# ---------------------------------------------------------------- generated pages
+
+
+def home_view(cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, metrics: list[dict]) -> dict:
+    m = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    s = manifest.get("sae") if isinstance(manifest.get("sae"), dict) else {}
+    arch = s.get("architecture", cfg.sae.architecture)
+    glance = [
+        ("Model", m.get("name", cfg.model.name)),
+        ("Layer", f"{m.get('layer', cfg.model.layer)} ({m.get('hook', cfg.hook_name)})"),
+        ("SAE", f"{arch}" + (f", k = {s.get('k', cfg.sae.k)}" if arch in ("topk", "batchtopk") else "")),
+        ("Width", f"{s.get('d_sae', table.n):,} features"),
+        ("Analysed tokens", f"{manifest['n_tokens']:,}" if isinstance(manifest.get("n_tokens"), int) else "–"),
+        ("Dead / dense", f"{int(table.is_dead.sum()):,} / {int(table.is_dense.sum()):,}"),
+    ]
+    metric_rows = [(METRIC_NAMES.get(k, k), pages.fmt_num(float(v)), METRIC_HELP.get(k, ""))
+                   for k, v in (manifest.get("metrics") or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {"title": cfg.build.title, "glance": glance, "metrics": metric_rows, "curves": curves(metrics)}
+
+
+METRIC_NAMES = {"explained_variance": "Explained variance", "l0": "L0", "ce_loss_score": "CE-loss score",
+                "kl_score": "KL score", "dead_fraction": "Dead features", "mse": "MSE", "fvu": "FVU",
+                "ce_loss_with_sae": "CE loss with SAE", "ce_loss_clean": "CE loss, clean",
+                "ce_loss_zero_ablation": "CE loss, zero-ablated", "dense_fraction": "Dense features"}
+METRIC_HELP = {"explained_variance": "1 − FVU on held-out activations", "l0": "mean active features per token",
+               "ce_loss_score": "share of the CE loss increase from zero-ablation recovered by the SAE",
+               "kl_score": "1 − KL(SAE) / KL(zero-ablation)", "dead_fraction": "share of features that never fired"}
+
+
+def curves(metrics: list[dict], width=320, height=120) -> list[dict]:
+    """One small inline-SVG line chart per numeric metric in sae/metrics.jsonl."""
+    if not metrics:
+        return []
+    xkey = next((k for k in ("tokens", "step") if k in metrics[0]), None)
+    xs = [r.get(xkey, i) for i, r in enumerate(metrics)] if xkey else list(range(len(metrics)))
+    keys = [k for k in metrics[0] if k not in ("step", "tokens", "lr", "time", "elapsed")
+            and isinstance(metrics[0][k], (int, float)) and not isinstance(metrics[0][k], bool)]
+    out = []
+    for k in keys[:8]:
+        pts = [(x, r[k]) for x, r in zip(xs, metrics)
+               if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+        if len(pts) < 2:
+            continue
+        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+        sx = width / ((x1 - x0) or 1)
+        sy = (height - 8) / ((y1 - y0) or 1)
+        step = max(1, len(pts) // 400)
+        poly = " ".join(f"{(x - x0) * sx:.1f},{height - 4 - (y - y0) * sy:.1f}" for x, y in pts[::step])
+        out.append({"name": METRIC_NAMES.get(k, k), "points": poly, "width": width, "height": height,
+                    "lo": pages.fmt_num(y0), "hi": pages.fmt_num(y1), "last": pages.fmt_num(pts[-1][1]),
+                    "x": xkey or "record", "xmax": pages.fmt_num(x1)})
+    return out
+
+
+def notable_ids(table: search_index.FeatureTable, top_token: np.ndarray, consistency: np.ndarray, n=24) -> list[int]:
+    """Interpretable-looking features: alive, moderately sparse, strong, one token dominating their top examples."""
+    d, live = table.density, ~(table.is_dead | table.is_dense)
+    moderate = (d > 1e-5) & (d < 2e-2)
+    score = consistency[table.ids] * np.log1p(np.maximum(table.max_act, 0)) * live * (moderate + 0.25)
+    order = np.argsort(-score, kind="stable")[:n]
+    return [int(table.ids[i]) for i in order if score[i] > 0]
+
+
+def fill_notable(site: Path, features_dir: Path, manifest: dict, table, top_token, consistency, facts) -> None:
+    path = site / "notable.html"
+    if not path.exists():
+        return
+    ids = notable_ids(table, top_token, consistency)
+    vocab_html = [pages.html.escape(pages.display_token(t)) for t in facts.vocab]
+    index = {int(i): k for k, i in enumerate(table.ids)}
+    cards = []
+    for rank, fid in enumerate(ids):
+        k = index[fid]
+        t = int(top_token[fid])
+        card = {"id": fid, "label": table.labels[k], "density": pages.fmt_pct(table.density[k]),
+                "max_act": pages.fmt_num(table.max_act[k]), "consistency": f"{100 * consistency[fid]:.0f}%",
+                "token": pages.display_token(facts.vocab[t]) if 0 <= t < len(facts.vocab) else "", "examples": []}
+        if rank < 6:  # case studies: show their strongest contexts
+            rec = shards.read_feature(features_dir, fid, manifest)
+            top = sorted((e for e in rec.examples if e["kind"] == "top"), key=lambda e: e["rank"])[:3]
+            card["examples"] = [Markup(pages.token_markup(vocab_html, e["token_ids"], e["acts"], rec.row["max_act"],
+                                                          e["offset"] - e["window_start"])) for e in top]
+        cards.append(card)
+    html = pages.jinja_env().get_template("notable.html").render(cards=cards)
+    text = path.read_text(encoding="utf-8")
+    text = text.replace(f"<p>{NOTABLE_MARK}</p>", html).replace(NOTABLE_MARK, html)
+    path.write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------- copied files
+
+
+def copy_vendor(site: Path) -> None:
+    """Copy the npm files named in site_src/vendor.json into the site (never a CDN)."""
+    path = SITE_SRC / "vendor.json"
+    if not path.exists():
+        return
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AtlasError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(spec, dict) and isinstance(spec.get("files"), (dict, list)):
+        spec = spec["files"]
+    pairs = spec.items() if isinstance(spec, dict) else [(e.get("to") or e.get("dest"), e.get("from") or e.get("src"))
+                                                          for e in spec if isinstance(e, dict)]
+    for dest, src in pairs:
+        if not isinstance(dest, str) or not isinstance(src, str) or dest.startswith("_"):
+            continue
+        source, target = ROOT / src, site / dest.lstrip("/")
+        if not source.exists():
+            print(f"build: warning: {path}: {src} is missing (run `npm ci`); {dest} left out", file=sys.stderr)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+
+
+def copy_onnx(onnx_dir: Path, site: Path) -> None:
+    """The web encoder and tokenizer for the prompt analyser (files over 95 MB stay behind)."""
+    dest = site / "onnx"
+    dest.mkdir(exist_ok=True)
+    for p in sorted(onnx_dir.iterdir()):
+        if p.is_file() and p.name != "stamp.json" and p.stat().st_size <= MAX_FILE_BYTES:
+            shutil.copy2(p, dest / p.name)
+
+
+def check_sizes(site: Path) -> None:
+    big = [p for p in site.rglob("*") if p.is_file() and p.stat().st_size > MAX_FILE_BYTES]
+    if big:
+        raise AtlasError(f"{big[0]}: {big[0].stat().st_size / 2**20:.0f} MB, over GitHub's 95 MB file limit")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _dense_labels(table: search_index.FeatureTable) -> list[str]:
+    labels = [""] * table.n
+    for i, lab in zip(table.ids.tolist(), table.labels):
+        labels[i] = lab
+    return labels
+
+
+def _read_metrics(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"build: warning: {path} line {n}: not JSON, skipped", file=sys.stderr)
+    return rows
+
+
+def _source_hash() -> str:
+    """What the site is made with besides the data: site_src/, templates/, mkdocs.yml and this code."""
+    h = hashlib.sha256()
+    files = [MKDOCS_YML, *sorted(SITE_SRC.rglob("*")), *sorted((ROOT / "templates").rglob("*")),
+             *sorted(Path(__file__).parent.glob("*.py"))]
+    for p in files:
+        if p.is_file():
+            h.update(str(p.relative_to(ROOT)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+

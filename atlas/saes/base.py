@@ -1,0 +1,195 @@
+"""The shared base of every SAE architecture: parameters, encode/decode, loss outputs, save/load.
+
+An SAE maps a residual-stream vector x [d_in] to latents f [d_sae] and back:
+
+    pre   = (x - b_dec) @ W_enc + b_enc        (b_dec subtracted when apply_b_dec_to_input)
+    f     = activation(pre)                    (relu, top-k, batch top-k or jump-relu)
+    x_hat = f @ W_dec + b_dec
+
+Tensor names, shapes and the `cfg.json` keys are SAELens's (v6 layout), so a folder written by
+`save` loads with `sae_lens.SAE.load_from_disk` and a SAELens folder loads with `load_sae`.
+Each architecture computes its own training loss in `forward`; the trainer only calls
+`forward`, `before_step` and `after_step` and never asks which architecture it holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from atlas.config import SAEConfig
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""Written as metadata.sae_lens_version: SAELens reads files without it as the pre-6.0 layout."""
+
+
+class ForwardOutput(NamedTuple):
+    """What `SparseAutoencoder.forward` returns during training."""
+
+    sae_out: Tensor
+    """The reconstruction [n, d_in]."""
+    latent_acts: Tensor
+    """Values of the active latents: [n, width] with `latent_indices`, or dense [n, d_sae] when
+    `latent_indices` is None. Zeros mean inactive."""
+    latent_indices: Tensor | None
+    """Latent ids [n, width] of `latent_acts`, or None when `latent_acts` is dense."""
+    fvu: Tensor
+    """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2 over the batch."""
+    mse: Tensor
+    """Mean squared error per element."""
+    aux_loss: Tensor
+    """The architecture's second loss term, already weighted: AuxK (topk, batchtopk), the
+    decoder-norm-weighted L1 penalty (relu) or the L0 penalty (jumprelu)."""
+    loss: Tensor
+    """What the trainer minimises."""
+    l0: Tensor
+    """Mean number of active latents per token."""
+    fired: Tensor
+    """[d_sae] bool: latents active on at least one token of the batch."""
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class; subclasses set `architecture`, `saelens_architecture` and the activation."""
+
+    architecture = ""
+    """Our name (atlas.config.ARCHITECTURES)."""
+    saelens_architecture = ""
+    """The name in SAELens's cfg.json."""
+
+    def __init__(self, cfg: SAEConfig, d_in: int, apply_b_dec_to_input: bool = True,
+                 metadata: dict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.d_in, self.d_sae = int(d_in), int(cfg.d_sae)
+        self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.metadata = dict(metadata or {})
+        self.W_enc = nn.Parameter(torch.zeros(self.d_in, self.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(self.d_sae, self.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+
+    # ---- initialisation -------------------------------------------------------------------
+    decoder_init_norm = 1.0
+
+    @torch.no_grad()
+    def initialize(self, generator: torch.Generator | None = None) -> None:
+        """Decoder rows: random directions of norm `decoder_init_norm`; encoder = decoder^T."""
+        w = torch.randn(self.d_sae, self.d_in, generator=generator)
+        w *= self.decoder_init_norm / w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # ---- inference ------------------------------------------------------------------------
+    def encode_pre(self, x: Tensor) -> Tensor:
+        """Pre-activations [n, d_sae]."""
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latent activations [n, d_sae] (plain torch ops, traceable by torch.onnx.export)."""
+        raise NotImplementedError
+
+    def encode_topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The k largest activations per row and their latent ids, sorted descending."""
+        values, indices = self.encode(x).topk(k, dim=-1)
+        return values, indices
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # ---- training -------------------------------------------------------------------------
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> ForwardOutput:
+        """The training forward pass. `dead_mask` [d_sae] marks latents counted dead (for the
+        AuxK loss); `sparsity_scale` in [0, 1] warms up the sparsity penalty."""
+        raise NotImplementedError
+
+    def before_step(self) -> None:
+        """Called after backward, before the optimiser step (e.g. project gradients)."""
+
+    def after_step(self) -> None:
+        """Called after the optimiser step (e.g. renormalise the decoder)."""
+
+    def revive(self, x: Tensor, dead_mask: Tensor, optimizer: torch.optim.Optimizer) -> int:
+        """Re-initialise dead latents if the architecture does that; returns how many."""
+        return 0
+
+    # ---- helpers for subclasses -----------------------------------------------------------
+    @staticmethod
+    def _fvu_mse(x: Tensor, sae_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(squared error per row summed over dims [n], fvu, mse)."""
+        err = (sae_out - x).pow(2).sum(dim=-1)
+        total = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        return err, err.sum() / total, err.mean() / x.shape[-1]
+
+    @torch.no_grad()
+    def _unit_norm_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def _remove_parallel_grad(self) -> None:
+        """Drop the part of each decoder row's gradient along the (unit) row itself."""
+        g = self.W_dec.grad
+        if g is not None:
+            g.sub_((g * self.W_dec).sum(dim=1, keepdim=True) * self.W_dec)
+
+    # ---- folding (exact reparametrisations) -----------------------------------------------
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """The SAE was trained on x * scale; make it take raw x (latents unchanged)."""
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    @torch.no_grad()
+    def fold_decoder_norm(self) -> None:
+        """Make decoder rows unit norm, scaling each latent's activation by its old norm."""
+        norms = self.W_dec.norm(dim=1).clamp_min(1e-8)
+        self.W_dec.div_(norms[:, None])
+        self.W_enc.mul_(norms[None, :])
+        self.b_enc.mul_(norms)
+        if isinstance(getattr(self, "threshold", None), Tensor) and self.threshold.numel() == self.d_sae:
+            self.threshold.mul_(norms)
+
+    # ---- the SAELens format ---------------------------------------------------------------
+    def saelens_cfg(self) -> dict:
+        """cfg.json in SAELens's v6 layout (architecture-specific keys added by subclasses)."""
+        meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
+                "training_architecture": self.architecture, **self.metadata}
+        return {
+            "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32", "device": "cpu",
+            "apply_b_dec_to_input": self.apply_b_dec_to_input, "normalize_activations": "none",
+            "reshape_activations": "none", "metadata": meta, "architecture": self.saelens_architecture,
+            **self._extra_cfg(),
+        }
+
+    def _extra_cfg(self) -> dict:
+        return {}
+
+    def saelens_state(self) -> dict[str, Tensor]:
+        """The tensors written to sae_weights.safetensors."""
+        return {n: t.detach().float().contiguous().cpu() for n, t in
+                (("W_enc", self.W_enc), ("b_enc", self.b_enc), ("W_dec", self.W_dec), ("b_dec", self.b_dec))}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write cfg.json and sae_weights.safetensors into `directory` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.saelens_state(), str(directory / WEIGHTS_FILE))
+        (directory / CFG_FILE).write_text(json.dumps(self.saelens_cfg(), indent=2) + "\n")
+        return directory
+
+    def extra_repr(self) -> str:
+        return f"architecture={self.architecture}, d_in={self.d_in}, d_sae={self.d_sae}"

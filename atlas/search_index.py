@@ -1,0 +1,138 @@
+"""The site's own compact indexes, loaded on demand by site_src/js/ (never MkDocs' search).
+
+- `data/features.js`: every feature as columnar arrays (label, density, max activation, map
+  coordinates, flags, top token) for the explorer, the map and label search;
+- `data/tokens/NN.js`: which features fire hardest on a token, sharded by FNV-1a of the token
+  text (site_src/js/atlas-data.js computes the same hash), built from the token at the marked
+  position of each feature's top examples.
+
+Each file is a script calling `Atlas.loaded(name, data)`, not JSON, so the pages can load it
+with a <script> tag, which also works from file:// where fetch() of local files does not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from atlas import shards
+
+TOKEN_SHARD_TARGET = 4000        # tokens per shard, roughly
+MAX_FEATURES_PER_TOKEN = 100
+
+
+def fnv1a(text: str) -> int:
+    h = 0x811C9DC5
+    for b in text.encode("utf-8"):
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+@dataclass
+class FeatureTable:
+    """The small columns of every feature, read once from all shards (O(n_features) memory)."""
+
+    ids: np.ndarray
+    labels: list[str]
+    density: np.ndarray
+    max_act: np.ndarray
+    map_x: np.ndarray
+    map_y: np.ndarray
+    is_dead: np.ndarray
+    is_dense: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.max()) + 1 if len(self.ids) else 0
+
+
+COLUMNS = ["feature_id", "label", "density", "max_act", "map_x", "map_y", "is_dead", "is_dense"]
+
+
+def read_feature_table(features_dir: Path) -> FeatureTable:
+    paths = sorted(Path(features_dir).glob("features-*.parquet"))
+    if not paths:
+        from atlas.errors import AtlasError
+
+        raise AtlasError(f"{features_dir}: no features-*.parquet shards; run `atlas analyze` first")
+    cols = {c: [] for c in COLUMNS}
+    for p in paths:
+        t = shards.read_table(p, shards.FEATURES_SCHEMA).select(COLUMNS)
+        for c in COLUMNS:
+            cols[c].append(t.column(c).to_numpy(zero_copy_only=False) if c != "label" else t.column(c).to_pylist())
+    ids = np.concatenate(cols["feature_id"])
+    order = np.argsort(ids, kind="stable")
+    labels_all = [x or "" for chunk in cols["label"] for x in chunk]
+    pick = lambda c: np.concatenate(cols[c])[order]  # noqa: E731
+    return FeatureTable(ids[order], [labels_all[i] for i in order], pick("density").astype(np.float64),
+                        pick("max_act").astype(np.float64), pick("map_x"), pick("map_y"),
+                        pick("is_dead").astype(bool), pick("is_dense").astype(bool))
+
+
+def _round(a: np.ndarray, digits: int = 4) -> list:
+    return [float(f"{x:.{digits}g}") if np.isfinite(x) else 0 for x in a.tolist()]
+
+
+def _write_js(path: Path, name: str, data) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"Atlas.loaded({json.dumps(name)},{json.dumps(data, ensure_ascii=False, separators=(',', ':'))});\n"
+    # JSON inside a script: keep "</script" and U+2028/9 from ever meaning anything else
+    text = text.replace("</", "<\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    path.write_text(text, encoding="utf-8")
+    return len(text)
+
+
+def write_features(data_dir: Path, table: FeatureTable, top_token: np.ndarray, vocab: list[str]) -> None:
+    """data/features.js: columnar arrays indexed by feature id."""
+    n = table.n
+    labels = [""] * n
+    for i, lab in zip(table.ids.tolist(), table.labels):
+        labels[i] = lab
+
+    def dense(values, fill=0):
+        out = np.full(n, fill, dtype=np.asarray(values).dtype)
+        out[table.ids] = values
+        return out
+
+    flags = dense(table.is_dead.astype(np.int8) | (table.is_dense.astype(np.int8) << 1))
+    tokens = [vocab[t] if 0 <= t < len(vocab) else "" for t in top_token.tolist()]
+    _write_js(data_dir / "features.js", "features", {
+        "n": n, "present": dense(np.ones(len(table.ids), np.int8)).tolist() if len(table.ids) < n else None,
+        "label": labels, "density": _round(dense(table.density), 3), "max_act": _round(dense(table.max_act), 4),
+        "x": _round(dense(table.map_x), 4), "y": _round(dense(table.map_y), 4), "flags": flags.tolist(),
+        "top_token": tokens,
+    })
+
+
+def write_tokens(data_dir: Path, tok_token: np.ndarray, tok_feature: np.ndarray, tok_act: np.ndarray,
+                 vocab: list[str]) -> int:
+    """data/tokens/NN.js: token text -> [[feature ids], [max activation]] (best first). Returns the shard count."""
+    # one entry per (token, feature): its highest activation
+    key = tok_token.astype(np.int64) * (1 << 32) + tok_feature.astype(np.int64)
+    order = np.lexsort((-tok_act, key))
+    key, tok_act = key[order], tok_act[order]
+    first = np.r_[True, key[1:] != key[:-1]]
+    key, act = key[first], tok_act[first]
+    token, feature = (key >> 32).astype(np.int64), (key & 0xFFFFFFFF).astype(np.int64)
+    # per token: features by activation, best first
+    order = np.lexsort((-act, token))
+    token, feature, act = token[order], feature[order], act[order]
+    bounds = np.flatnonzero(np.r_[True, token[1:] != token[:-1], True])
+    n_tokens = len(bounds) - 1
+    n_shards = max(1, min(256, -(-n_tokens // TOKEN_SHARD_TARGET)))
+    buckets: list[dict] = [{} for _ in range(n_shards)]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        t = int(token[s])
+        text = vocab[t] if 0 <= t < len(vocab) else ""
+        e = min(e, s + MAX_FEATURES_PER_TOKEN)
+        entry = buckets[fnv1a(text) % n_shards].setdefault(text, [[], []])
+        entry[0].extend(feature[s:e].tolist())
+        entry[1].extend(_round(act[s:e], 3))
+    for i, b in enumerate(buckets):
+        _write_js(data_dir / "tokens" / f"{i}.js", f"tokens/{i}", b)
+    _write_js(data_dir / "tokens" / "meta.js", "tokens/meta", {"shards": n_shards})
+    return n_shards
+

@@ -1,0 +1,58 @@
+// "Try your own text" on a feature page: mounts on
+//   <section class="atlas-try" data-feature-id="N" data-root="../../">
+// and colours the tokens of the visitor's text by feature N, with the same model as the prompt
+// page (downloaded once, cached). CSP: see prompt.js.
+import { analyse, featureActs, loadModel, unsupportedReason } from "./model.js";
+import { el, progressReporter, renderTokens } from "./ui.js";
+
+for (const section of document.querySelectorAll("section.atlas-try[data-feature-id]")) mount(section);
+
+function mount(section) {
+  const feature = Number.parseInt(section.dataset.featureId, 10);
+  const input = el("textarea", { class: "atlas-try-input", rows: 3, placeholder: "Type some text and press Analyse" });
+  input.setAttribute("aria-label", `Text to analyse with feature ${feature}`);
+  const button = el("button", { type: "submit", class: "md-button", text: "Analyse" });
+  const form = el("form", { class: "atlas-try-form" }, input, el("div", {}, button));
+  const bar = el("progress", { class: "atlas-progress", hidden: true });
+  const status = el("p", { class: "atlas-status" });
+  const notice = el("p", { class: "atlas-notice", hidden: true });
+  const tokens = el("div", { class: "atlas-tokens" });
+  section.append(form, bar, status, notice, tokens);
+
+  const reason = unsupportedReason();
+  if (reason) {
+    notice.textContent = reason;
+    notice.hidden = false;
+    button.disabled = true;
+    section.dataset.state = "unsupported";
+    return;
+  }
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (!input.value.trim()) return;
+    section.dataset.state = "running";
+    notice.hidden = true;
+    try {
+      const model = await loadModel(progressReporter(bar, status));
+      bar.hidden = true;
+      const result = await analyse(model, input.value);
+      const acts = featureActs(result, feature);
+      renderTokens(tokens, result.texts, acts, { skipFirst: result.bos });
+      let max = 0;
+      for (let t = result.bos ? 1 : 0; t < acts.length; t++) max = Math.max(max, acts[t]);
+      status.textContent = max > 0
+        ? `Feature ${feature} fires on this text (max ${max.toFixed(2)}).`
+        : `Feature ${feature} does not fire on this text.`;
+      if (result.truncated) {
+        notice.textContent = `Only the first ${result.ids.length} of ${result.nTokens} tokens were analysed (the model's maximum).`;
+        notice.hidden = false;
+      }
+      section.dataset.state = "done";
+    } catch (err) {
+      bar.hidden = true;
+      status.textContent = `Analysis failed: ${err.message || err}`;
+      section.dataset.state = "error";
+      console.warn(err);
+    }
+  });
+}

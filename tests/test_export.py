@@ -1,0 +1,149 @@
+"""`atlas export`: the ONNX encoder against PyTorch, file splitting, and the browser tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from atlas import export
+from atlas.config import RunConfig
+from atlas.model import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYER, D_SAE = 2, 256
+TRICKY = ["Hello world", " leading space", "  two spaces", "new\nline", "\n\ntwo newlines\n", "tab\there",
+          "café naïve résumé", "日本語のテキスト", "emoji 🙂👍🏽 and flags 🇫🇷", "<|endoftext|>", "a<|endoftext|>b",
+          "<script>alert(1)</script>", "numbers 12345 3.14", "don't won't it's", "", " "]
+
+
+class StandInSAE(nn.Module):
+    """A ReLU SAE encoder with fixed random weights, the shape `atlas.saes` SAEs have."""
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W_enc = nn.Parameter(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        self.b_enc = nn.Parameter(torch.randn(d_sae, generator=g) * 0.1)
+        self.W_dec = nn.Parameter(self.W_enc.data.T.clone())
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+
+def make_sae(d_in: int, d_sae: int = D_SAE) -> nn.Module:
+    return StandInSAE(d_in, d_sae).eval().requires_grad_(False)
+
+
+def export_tiny(world: Path, out: Path, quantization: str = "int8", min_top1: float = 0.9) -> Path:
+    """Export the tiny world's model (layer 2) plus a stand-in SAE into `out`; returns `out`."""
+    cfg = RunConfig()
+    cfg.model.name, cfg.model.layer = str(world / "model"), LAYER
+    cfg.corpus.dataset = str(world / "corpus.jsonl")
+    cfg.export.quantization, cfg.export.min_top1_agreement = quantization, min_top1
+    loaded = load_model(cfg.model.name)
+    out.mkdir(parents=True, exist_ok=True)
+    export.export_dir(out, loaded, make_sae(loaded.d_model), cfg, "test", export.parity_contexts(cfg, loaded))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_world, tmp_path_factory):
+    return export_tiny(tiny_world, tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_world):
+    return load_model(str(tiny_world / "model"))
+
+
+def torch_topk(loaded, ids: list[int], k: int = 32):
+    graph = export.EncoderGraph(loaded.truncated(LAYER), make_sae(loaded.d_model), k).eval()
+    with torch.no_grad():
+        i, a = graph(torch.tensor([ids], dtype=torch.int32))
+    return i[0].numpy(), a[0].numpy()
+
+
+def test_files_and_metadata(exported):
+    meta = json.loads((exported / "model.json").read_text())
+    for f in meta["files"] + ["encoder.onnx", "parity.json", "model.json"]:
+        assert (exported / f).is_file(), f
+    assert meta["onnx"] == "encoder.web.onnx" and "tokenizer.json" in meta["files"]
+    assert meta["top_k"] == 32 and meta["d_sae"] == D_SAE and meta["layer"] == LAYER
+    assert meta["max_tokens"] == 128 and meta["prepend_bos"] is True
+    assert meta["total_bytes"] == sum((exported / f).stat().st_size for f in meta["files"])
+    assert all((exported / f).stat().st_size <= export.MAX_FILE_BYTES for f in meta["files"])
+
+
+def test_parity_report(exported):
+    report = json.loads((exported / "parity.json").read_text())
+    assert report["full"]["ok"] and report["full"]["ids_match"] >= 0.999 and report["full"]["max_rel_err"] <= 1e-4
+    assert report["web"]["ok"] and report["web"]["top1_agreement"] >= 0.9
+    assert report["n_contexts"] == 16 and report["full"]["n_tokens"] > 100
+
+
+@pytest.mark.parametrize("n", [1, 2, 37, 128])
+def test_full_precision_matches_torch_at_any_length(exported, loaded, n):
+    rng = np.random.default_rng(n)
+    ids = [loaded.bos_token_id] + rng.integers(0, loaded.tokenizer.vocab_size, n - 1).tolist()
+    ref_ids, ref_acts = torch_topk(loaded, ids)
+    got_ids, got_acts = export.run_session(export.session(exported / "encoder.onnx"), ids)
+    assert got_ids.shape == (n, 32) and got_ids.dtype == np.int32
+    r = export.compare(ref_ids, ref_acts, got_ids, got_acts)
+    assert r["ids_match"] == 1.0 and r["max_rel_err"] < 1e-4
+
+
+def test_web_file_is_close_to_torch(exported, loaded):
+    ids = export.encode_with_bos(loaded, "Once upon a time, there was a little dog named Max.", 128)
+    r = export.compare(*torch_topk(loaded, ids), *export.run_session(export.session(exported / "encoder.web.onnx"), ids))
+    assert r["topk_overlap"] > 0.8
+
+
+def test_int4_and_int8_both_export(tiny_world, tmp_path, exported):
+    out = export_tiny(tiny_world, tmp_path / "int4", "int4", min_top1=0.0)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(out / "encoder.web.onnx").graph.node}
+    assert "MatMulNBits" in ops
+    ops8 = {n.op_type for n in onnx.load(exported / "encoder.web.onnx").graph.node}
+    assert "MatMulInteger" in ops8 and "MatMul" not in ops8 - {"MatMulInteger"}
+
+
+def test_low_agreement_fails_the_export(tiny_world, tmp_path):
+    from atlas.errors import AtlasError
+
+    with pytest.raises(AtlasError, match="min_top1_agreement"):
+        export_tiny(tiny_world, tmp_path / "strict", "int4", min_top1=1.01)
+
+
+def test_large_weights_are_split(exported, loaded, monkeypatch, tmp_path):
+    """With a 64 KiB file limit the embedding is cut into parts and weights spread over data files."""
+    import onnx
+
+    monkeypatch.setattr(export, "MAX_FILE_BYTES", 64 * 1024)
+    files = export._save(onnx.load(exported / "encoder.onnx"), tmp_path / "encoder.onnx")
+    assert len(files) > 3 and all((tmp_path / f).stat().st_size <= 64 * 1024 + 4096 for f in files[1:])
+    ids = export.encode_with_bos(loaded, "Tom met Lily in the park.", 128)
+    a = export.run_session(export.session(tmp_path / "encoder.onnx"), ids)
+    b = export.run_session(export.session(exported / "encoder.onnx"), ids)
+    assert (a[0] == b[0]).all() and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("node") is None or not (ROOT / "node_modules/@huggingface/tokenizers").exists(),
+                    reason="node or node_modules missing (npm ci)")
+def test_js_tokenizer_matches_python(exported, loaded):
+    """@huggingface/tokenizers in node gives the ids the Python tokenizer gives (the browser's path)."""
+    proc = subprocess.run(["node", str(ROOT / "tests/js/tokenize.mjs"), str(exported / "tokenizer.json")],
+                          input=json.dumps(TRICKY), capture_output=True, text=True, check=True)
+    js = json.loads(proc.stdout)
+    py = [loaded.tokenizer(s, add_special_tokens=False)["input_ids"] for s in TRICKY]
+    for s, a, b in zip(TRICKY, js, py):
+        assert a == b, f"{s!r}: js {a} != python {b}"
+    assert js[TRICKY.index("<|endoftext|>")] == [loaded.bos_token_id]
