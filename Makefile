@@ -44,6 +44,7 @@ runs/tiny-world/model/config.json: tests/tiny_world.py | $(VENV)/.installed
 	$(VENV)/bin/python tests/tiny_world.py runs/tiny-world
 
 runs/demo-world/corpus.jsonl: atlas/demo.py | $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[demo]'
 	$(VENV)/bin/python -m atlas.demo runs/demo-world
 
 $(RUN)/activations.h5: $(CONFIG) $(PREREQ) | $(VENV)/.installed

@@ -78,6 +78,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     get_explainer(a.explainer)  # fail on a bad name before hours of work
 
     from atlas.model import load_model, resolve_device
+    from atlas.saes import load_sae
     from atlas.store import ActivationStore
 
     device = resolve_device(cfg.model.device)
@@ -85,12 +86,11 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     if force and partial.exists():
         shutil.rmtree(partial)
     with ActivationStore(store_path) as store:
-        sae = _load_sae(sae_dir)
-        _to_device(sae, device)
+        sae = load_sae(sae_dir, device)
         w_dec = sae.W_dec.detach().float()
         if w_dec.shape[1] != store.d_model:
             raise AtlasError(f"{sae_dir}: SAE d_in {w_dec.shape[1]} does not match the store's d_model {store.d_model}")
-        stream = analyze_stream(store, sae.encode, w_dec.shape[0], a, partial, fp, device)
+        stream = analyze_stream(store, sparse_encoder(sae), w_dec.shape[0], a, partial, fp, device)
         loaded = load_model(cfg.model.name, cfg.model.revision, "cpu", "float32")
         w_u = loaded.unembedding()
         vocab = vocab_texts(loaded.tokenizer)
@@ -105,15 +105,26 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     return out
 
 
-def _load_sae(sae_dir: Path):
-    from atlas.saes import load_sae
+def sparse_encoder(sae):
+    """x [n, d_in] -> (token, feature, activation) of the nonzero latents, in token order.
 
-    return load_sae(sae_dir)
+    A TopK SAE gives its k latents per token directly (no dense [n, d_sae] matrix to scan);
+    any other architecture is encoded densely and its nonzero entries taken.
+    """
+    if getattr(sae, "architecture", "") == "topk":
+        k = sae.k
 
-
-def _to_device(sae, device: torch.device) -> None:
-    if hasattr(sae, "to"):
-        sae.to(device)
+        def encode(x):
+            v, i = sae.encode_topk(x, k)
+            keep = v > 0
+            tok = torch.arange(len(x), device=x.device)[:, None].expand_as(i)
+            return tok[keep], i[keep], v[keep]
+    else:
+        def encode(x):
+            codes = sae.encode(x)
+            tok, feat = (codes > 0).nonzero(as_tuple=True)
+            return tok, feat, codes[tok, feat]
+    return encode
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,9 +203,9 @@ def merge_topk(buf_score: torch.Tensor, group: torch.Tensor, score: torch.Tensor
     """Merge candidates into per-group top-m buffers, in place.
 
     `buf_score` [G, m] holds each group's best scores in descending order (-inf where empty);
-    candidates are (group, score, payloads...). Only candidates above their group's current
-    m-th score are considered; they are ranked within their group and merged by one torch.topk
-    over [touched groups, 2m].
+    candidates are (group, score, payloads...), in stream order. Only candidates above their
+    group's current m-th score are considered; they are ranked within their group and merged by
+    one sort over [touched groups, 2m].
     """
     m = buf_score.shape[1]
     if m == 0 or len(score) == 0:
@@ -216,7 +227,10 @@ def merge_topk(buf_score: torch.Tensor, group: torch.Tensor, score: torch.Tensor
     rank = rank[sel]
     cand = torch.full((len(uniq), m), _NEG, dtype=buf_score.dtype, device=buf_score.device)
     cand[slot, rank] = score[sel].to(buf_score.dtype)
-    merged, idx = torch.cat([buf_score[uniq], cand], 1).topk(m, dim=1)
+    # A stable sort, not topk: among equal scores the buffer's (earlier) entries stay first, so
+    # ties resolve to the earliest token, as a stable sort over the whole store would.
+    merged, idx = torch.cat([buf_score[uniq], cand], 1).sort(dim=1, descending=True, stable=True)
+    merged, idx = merged[:, :m], idx[:, :m]
     buf_score[uniq] = merged
     for buf, p in zip(buf_payloads, payloads):
         c = torch.full((len(uniq), m), -1, dtype=buf.dtype, device=buf.device)
@@ -248,7 +262,7 @@ def _rng(seed: int, batch: int) -> torch.Generator:
 
 def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
                    device: torch.device = torch.device("cpu")) -> StreamResult:
-    """Run (or resume) the three streaming passes over `store` with the SAE encoder `encode`."""
+    """Run (or resume) the three streaming passes over `store`; `encode` is a sparse_encoder."""
     partial.mkdir(parents=True, exist_ok=True)
     ckpt = partial / "state.pt"
     state = _load_state(ckpt, fp)
@@ -279,13 +293,12 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
         bar = tqdm(total=n_tok, initial=state["tokens_done"], unit="tok", unit_scale=True, desc="analyze: encode")
         with torch.inference_mode():
             for i, (start, x) in enumerate(store.iter_batches(B, range(state["tokens_done"], n_tok))):
-                codes = encode(x.to(device))
-                if a.skip_bos:
-                    first = (-start) % L
-                    codes[first::L] = 0
-                tok, feat = (codes > 0).nonzero(as_tuple=True)
-                val = codes[tok, feat].float()
+                tok, feat, val = encode(x.to(device))
+                val = val.float()
                 rows = tok + start
+                if a.skip_bos:
+                    keep = rows % L != 0
+                    tok, feat, val, rows = tok[keep], feat[keep], val[keep], rows[keep]
                 state["n_fired"] += torch.bincount(feat, minlength=d_sae)
                 state["sum_act"] += torch.bincount(feat, weights=val.double(), minlength=d_sae)
                 state["max_act"].scatter_reduce_(0, feat, val, "amax")

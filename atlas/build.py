@@ -18,12 +18,10 @@ of {"from": …, "to": …} objects or {"files": {…}} is read the same way.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -42,11 +40,6 @@ SITE_SRC = ROOT / "site_src"
 MKDOCS_YML = ROOT / "mkdocs.yml"
 MAX_FILE_BYTES = 95 * 1024 * 1024
 NOTABLE_MARK = "@@ATLAS_NOTABLE@@"
-
-CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'{hashes}; style-src 'self' 'unsafe-inline'; "
-       "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self' data: blob:; worker-src 'self' blob:; "
-       "object-src 'none'; base-uri 'self'; form-action 'self'")
-_INLINE_SCRIPT = re.compile(r"<script(\s[^>]*)?>(.*?)</script>", re.S)
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
@@ -123,7 +116,7 @@ def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.F
     (docs / "notable.md").write_text(env.get_template("notable.md").render(mark=NOTABLE_MARK))
     skel = docs / "features" / pages.SKELETON
     skel.mkdir(parents=True)
-    (skel / "index.md").write_text(f"---\ntitle: {pages.TITLE_MARK}\nsearch:\n  exclude: true\n---\n\n{pages.CONTENT_MARK}\n")
+    (skel / "index.md").write_text(f"---\ntitle: '{pages.TITLE_MARK}'\nsearch:\n  exclude: true\n---\n\n{pages.CONTENT_MARK}\n")
     if not (docs / "prompt.md").exists():
         (docs / "prompt.md").write_text("# Try a prompt\n\nThe in-browser prompt analyser is not part of this build.\n")
 
@@ -136,7 +129,7 @@ def build_shell(docs: Path, site: Path, cfg: RunConfig) -> None:
     for name in ("mkdocs", "material"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        mk = load_config(config_file=str(MKDOCS_YML), docs_dir=str(docs), site_dir=str(site),
+        mk = load_config(config_file=str(MKDOCS_YML), docs_dir=str(Path(docs).resolve()), site_dir=str(Path(site).resolve()),
                          site_name=cfg.build.title, site_url=cfg.build.site_url or None)
         build(mk)
     except MkDocsException as e:
@@ -144,29 +137,16 @@ def build_shell(docs: Path, site: Path, cfg: RunConfig) -> None:
     # the skeleton is not a page of the site: keep it out of the sitemap
     for sm in ("sitemap.xml", "sitemap.xml.gz"):
         (site / sm).unlink(missing_ok=True)
+    # 404.html links from the server root ("/…"), which is wrong at a sub-path unless site_url names it
+    if not cfg.build.site_url:
+        (site / "404.html").unlink(missing_ok=True)
 
 
 def add_csp(site: Path) -> None:
-    """A Content-Security-Policy <meta> first in every page's <head>, with the hashes of its inline scripts."""
+    """Put the Content-Security-Policy <meta> into every page MkDocs built (feature pages get it from the skeleton)."""
     for path in site.rglob("*.html"):
-        text = path.read_text(encoding="utf-8")
-        (path).write_text(with_csp(text), encoding="utf-8")
-
-
-def with_csp(text: str) -> str:
-    hashes = []
-    for m in _INLINE_SCRIPT.finditer(text):
-        attrs = m.group(1) or ""
-        if "src=" in attrs or re.search(r'type="(application/json|text/template)"', attrs):
-            continue
-        digest = base64.b64encode(hashlib.sha256(m.group(2).encode()).digest()).decode()
-        hashes.append(f"'sha256-{digest}'")
-    policy = CSP.format(hashes="".join(" " + h for h in dict.fromkeys(hashes)))
-    meta = f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
-    head = re.search(r"<head[^>]*>", text)
-    if head is None:
-        return text
-    return text[:head.end()] + "\n    " + meta + text[head.end():]
+        if pages.SKELETON not in path.parts:
+            path.write_text(pages.with_csp(path.read_text(encoding="utf-8")), encoding="utf-8")
 
 
 # ---------------------------------------------------------------- generated pages
@@ -332,7 +312,7 @@ def _source_hash() -> str:
     """What the site is made with besides the data: site_src/, templates/, mkdocs.yml and this code."""
     h = hashlib.sha256()
     files = [MKDOCS_YML, *sorted(SITE_SRC.rglob("*")), *sorted((ROOT / "templates").rglob("*")),
-             *sorted(Path(__file__).parent.glob("*.py"))]
+             *(Path(__file__).parent / m for m in ("build.py", "pages.py", "search_index.py", "shards.py"))]
     for p in files:
         if p.is_file():
             h.update(str(p.relative_to(ROOT)).encode())

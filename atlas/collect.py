@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     mine = [p for p in range(n_parts) if p % world == rank and p not in done]
 
     bar = tqdm(total=len(mine) * c.chunk_contexts * c.ctx_len, unit="tok", unit_scale=True,
-               desc=f"collect {cfg.model.name} layer {cfg.model.layer}", disable=rank != 0 and world > 1)
+               desc=f"collect {cfg.model.name} layer {cfg.model.layer}", disable=rank != 0 and world > 1,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
     produced = 0
     for part in range(n_parts):
         want = min(c.chunk_contexts, n_contexts - part * c.chunk_contexts)

@@ -86,6 +86,9 @@ class TrainConfig:
     seed: int = 0
     in_memory_max_gb: float = 8.0
     """Hold the training split in RAM when it is at most this big, else stream shuffled chunks."""
+    exclude_bos: bool = True
+    """Leave each context's first position (BOS, an outlier of huge norm in GPT-2) out of training
+    and evaluation, and out of the reconstruction spliced in for the CE-loss score."""
 
 
 @dataclass

@@ -11,9 +11,12 @@ Shards are rendered one per task (`multiprocessing`), so memory is bounded by on
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import math
 import os
+import re
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -67,6 +70,7 @@ class Skeleton:
     @classmethod
     def from_html(cls, text: str) -> "Skeleton":
         text = text.replace(SKELETON, "{id}")
+        text = with_csp(_squeeze(text))
         # MkDocs wraps the placeholder in a paragraph; drop the paragraph with it
         for wrapped in (f"<p>{CONTENT_MARK}</p>", CONTENT_MARK):
             if wrapped in text:
@@ -82,6 +86,33 @@ class Skeleton:
         head = head.replace(TITLE_MARK, esc).replace("{id}", str(feature_id))
         tail = tail.replace(TITLE_MARK, esc).replace("{id}", str(feature_id))
         return head + content + tail
+
+
+CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'{hashes}; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self' data: blob:; worker-src 'self' blob:; "
+       "object-src 'none'; base-uri 'self'; form-action 'self'")
+_INLINE_SCRIPT = re.compile(r"<script(\s[^>]*)?>(.*?)</script>", re.S)
+
+
+def with_csp(text: str) -> str:
+    """The page with a Content-Security-Policy <meta> first in its <head>, allowing exactly its inline scripts."""
+    hashes = []
+    for m in _INLINE_SCRIPT.finditer(text):
+        attrs = m.group(1) or ""
+        if "src=" in attrs or re.search(r'type="(application/json|text/template)"', attrs):
+            continue
+        digest = base64.b64encode(hashlib.sha256(m.group(2).encode()).digest()).decode()
+        hashes.append(f"'sha256-{digest}'")
+    policy = CSP.format(hashes="".join(" " + h for h in dict.fromkeys(hashes)))
+    head = re.search(r"<head[^>]*>", text)
+    if head is None:
+        return text
+    return f'{text[:head.end()]}\n<meta http-equiv="Content-Security-Policy" content="{policy}">{text[head.end():]}'
+
+
+def _squeeze(text: str) -> str:
+    """Drop the theme's indentation and blank lines (the skeleton has no <pre> or <textarea>)."""
+    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 @dataclass
@@ -118,11 +149,9 @@ def histogram(edges: list[float], counts: list[int], width=560, height=120) -> d
         return None
     top = max(counts)
     bw = width / len(counts)
-    bars = [{"x": round(i * bw, 1), "w": round(bw - 1, 1), "h": round(height * math.log1p(c) / math.log1p(top), 1)}
-            for i, c in enumerate(counts) if c > 0]
-    for b in bars:
-        b["y"] = round(height - b["h"], 1)
-    return {"bars": bars, "width": width, "height": height, "lo": fmt_num(edges[0]), "hi": fmt_num(edges[-1]),
+    path = "".join(f"M{i * bw:.0f} {height}v-{height * math.log1p(c) / math.log1p(top):.0f}h{bw - 1:.0f}V{height}z"
+                   for i, c in enumerate(counts) if c > 0)
+    return {"path": path, "width": width, "height": height, "lo": fmt_num(edges[0]), "hi": fmt_num(edges[-1]),
             "top": f"{top:,}"}
 
 

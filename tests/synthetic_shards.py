@@ -29,7 +29,8 @@ def vocab(n_vocab: int) -> list[str]:
         texts += [w, " " + w]
     i = 0
     while len(texts) < n_vocab:
-        texts.append((" " if i % 2 else "") + WORDS[i % len(WORDS)] + str(i))
+        w = WORDS[(i * 7) % len(WORDS)]
+        texts.append((" " if i % 2 else "") + w[: 2 + i % 4] + ("s" if i % 3 == 0 else ""))  # GPT-2-like: ~4 chars
         i += 1
     return texts[:n_vocab]
 
@@ -61,7 +62,7 @@ def write(run_dir: Path, n_features: int, *, shard_size: int = 512, n_top: int =
         max_act = rng.uniform(1, 30, n) * ~dead
         edges = np.geomspace(np.maximum(max_act, 1e-3) * 1e-3, np.maximum(max_act, 1e-3), bins + 1, axis=1)
         counts = (rng.gamma(2, 50, (n, bins)) * ~dead[:, None]).astype(np.int64)
-        labels = [HOSTILE[i % len(HOSTILE)] if i % 50 == 3 else f"{WORDS[i % len(WORDS)]} after {WORDS[(i * 7) % len(WORDS)]}"
+        labels = [HOSTILE[(i // 50) % len(HOSTILE)] if i % 50 == 3 else f"{WORDS[i % len(WORDS)]} after {WORDS[(i * 7) % len(WORDS)]}"
                   for i in ids]
         labels = [("" if d else lab) for lab, d in zip(labels, dead)]
         nl = 10 if has_logits else 0
@@ -92,7 +93,7 @@ def write(run_dir: Path, n_features: int, *, shard_size: int = 512, n_top: int =
         interval = np.where(per < n_top, -1, (per - n_top) // per_interval).astype(np.int16)
         rank = np.where(per < n_top, per, (per - n_top) % per_interval).astype(np.int16)
         tokens = rng.integers(0, n_vocab, (m, window), dtype=np.int32)
-        hot = np.array([0, 8, len(WORDS) * 2 + 8])  # " Once", "<script>", ...
+        hot = np.array([0, 4, 5])  # " Once", "<script>…", "\"><img …"
         tokens[:, 24] = rng.choice(hot, m) if n_vocab > 40 else tokens[:, 24]
         acts = np.where(rng.uniform(0, 1, (m, window)) < 0.15, rng.uniform(0, 1, (m, window)), 0)
         peak = np.repeat(max_act[~dead], n_ex) * np.tile(np.where(per < n_top, 1 - per / (2 * n_top), 0.3), len(live))

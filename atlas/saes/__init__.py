@@ -1,0 +1,110 @@
+"""Sparse autoencoders: one module per architecture over a shared base (`base.py`).
+
+    build_sae(cfg.sae, d_in)  -> a freshly initialised SparseAutoencoder
+    sae.save(dir)             -> dir/cfg.json + dir/sae_weights.safetensors (SAELens format)
+    load_sae(dir)             -> the SAE in dir, ours or SAELens's (standard, topk, jumprelu)
+    sae.encode(x)             -> dense latents [n, d_sae];  sae.decode(f) -> [n, d_in]
+    sae.encode_topk(x, k)     -> (values, indices) of the k largest latents per row
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from atlas.config import SAEConfig
+from atlas.errors import AtlasError
+from atlas.saes.base import CFG_FILE, WEIGHTS_FILE, ForwardOutput, SparseAutoencoder
+from atlas.saes.registry import ARCHITECTURES, SAELENS_ARCHITECTURES
+
+__all__ = ["build_sae", "load_sae", "SparseAutoencoder", "ForwardOutput", "ARCHITECTURES",
+           "CFG_FILE", "WEIGHTS_FILE"]
+
+
+def build_sae(cfg: SAEConfig, d_in: int, seed: int = 0, metadata: dict | None = None) -> SparseAutoencoder:
+    """A new SAE of `cfg.architecture`, initialised (decoder random, encoder = decoder^T)."""
+    if cfg.architecture not in ARCHITECTURES:
+        raise AtlasError(f"unknown SAE architecture '{cfg.architecture}' (known: {', '.join(ARCHITECTURES)})")
+    sae = ARCHITECTURES[cfg.architecture](cfg, d_in, metadata=metadata)
+    sae.initialize(torch.Generator().manual_seed(seed))
+    return sae
+
+
+def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Load an SAE folder (cfg.json + sae_weights.safetensors) written here or by SAELens."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
+    for p in (cfg_path, weights_path):
+        if not p.exists():
+            raise AtlasError(f"{p}: missing; an SAE folder holds {CFG_FILE} and {WEIGHTS_FILE}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AtlasError(f"{cfg_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise AtlasError(f"{cfg_path}: expected a JSON object")
+    raw = _v6_layout(raw)
+    arch = raw.get("architecture", "standard")
+    if arch not in SAELENS_ARCHITECTURES:
+        raise AtlasError(f"{cfg_path}: architecture '{arch}' is not supported "
+                         f"(supported: {', '.join(SAELENS_ARCHITECTURES)})")
+    for key, ok in (("normalize_activations", ("none", None)), ("reshape_activations", ("none", None))):
+        if raw.get(key) not in ok:
+            raise AtlasError(f"{cfg_path}: '{key}' = {raw.get(key)!r} is not supported (only 'none'); "
+                             f"fold the normalisation into the weights first")
+    try:
+        d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
+    except (KeyError, TypeError, ValueError):
+        raise AtlasError(f"{cfg_path}: needs integer 'd_in' and 'd_sae'") from None
+    try:
+        state = load_file(str(weights_path))
+    except Exception as e:  # safetensors raises its own error types
+        raise AtlasError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+    cls = SAELENS_ARCHITECTURES[arch]
+    cfg = SAEConfig(architecture=cls.architecture, d_sae=d_sae)
+    if arch == "topk":
+        k = raw.get("k")
+        if not isinstance(k, int) or not 1 <= k <= d_sae:
+            raise AtlasError(f"{cfg_path}: 'k' = {k!r}: a topk SAE needs an integer k in 1..d_sae")
+        cfg = dataclasses.replace(cfg, k=k)
+    sae = cls(cfg, d_in, apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+              metadata=raw.get("metadata") or {})
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if arch == "jumprelu":
+        shapes["threshold"] = (d_sae,)
+    with torch.no_grad():
+        for name, shape in shapes.items():
+            if name not in state:
+                raise AtlasError(f"{weights_path}: missing tensor '{name}'")
+            if tuple(state[name].shape) != shape:
+                raise AtlasError(f"{weights_path}: tensor '{name}' has shape {tuple(state[name].shape)}, "
+                                 f"expected {shape} from {CFG_FILE}")
+            getattr(sae, name).copy_(state[name].float())
+        if arch == "topk" and raw.get("rescale_acts_by_decoder_norm"):
+            sae.fold_decoder_norm()  # exact: top-k of pre * ||W_dec|| is what the SAE meant
+    return sae.to(device).eval().requires_grad_(False)
+
+
+def _v6_layout(raw: dict) -> dict:
+    """SAELens before 6.0 kept metadata at the top level and named TopK as an activation."""
+    if "metadata" in raw:
+        return raw
+    out = dict(raw)
+    meta_keys = ("model_name", "hook_name", "hook_point", "hook_layer", "hook_head_index", "context_size",
+                 "prepend_bos", "dataset_path", "model_class_name", "neuronpedia_id", "sae_lens_training_version",
+                 "model_from_pretrained_kwargs", "seqpos_slice", "exclude_special_tokens")
+    out["metadata"] = {("hook_name" if k == "hook_point" else k): raw[k] for k in meta_keys if k in raw}
+    fn = raw.get("activation_fn_str") or raw.get("activation_fn")
+    kwargs = raw.get("activation_fn_kwargs") or {}
+    if fn == "topk" and "k" in kwargs:
+        out["architecture"], out["k"] = "topk", kwargs["k"]
+    out.setdefault("architecture", "standard")
+    if out.get("normalize_activations") in (False, "false"):
+        out["normalize_activations"] = "none"
+    return out

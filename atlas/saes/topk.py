@@ -1,0 +1,73 @@
+"""TopK SAE (Gao et al. 2024, OpenAI): keep the k largest pre-activations per token.
+
+    loss = FVU + aux_k_coefficient * AuxK
+
+AuxK: the top `aux_k` dead latents reconstruct the residual error x - x_hat (without b_dec),
+normalised like FVU and scaled by min(#dead / aux_k, 1) as in EleutherAI's sparsify; it gives
+dead latents a gradient. Decoder rows are kept at unit norm (the gradient component along each
+row is removed before the step, the row renormalised after it). Training goes through
+`atlas.saes.fused`, whose backward is sparse; inference `encode` is plain torch for ONNX.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from atlas.saes.base import ForwardOutput, SparseAutoencoder
+from atlas.saes.fused import sparse_decode, topk_encode
+
+
+class TopKSAE(SparseAutoencoder):
+    architecture = "topk"
+    saelens_architecture = "topk"
+
+    @property
+    def k(self) -> int:
+        return int(self.cfg.k)
+
+    def encode(self, x: Tensor) -> Tensor:
+        values, indices = self.encode_pre(x).topk(self.k, dim=-1)
+        return torch.zeros(*x.shape[:-1], self.d_sae, dtype=x.dtype, device=x.device).scatter(
+            -1, indices, torch.relu(values))
+
+    def encode_topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        values, indices = self.encode_pre(x).topk(k, dim=-1)
+        values = torch.relu(values)
+        if k > self.k:  # only k latents are ever active
+            values = values * (torch.arange(k, device=x.device) < self.k)
+        return values, indices
+
+    def _select(self, x: Tensor, aux_mask: Tensor | None, aux_k: int):
+        """(values, indices, aux_values, aux_indices) for the training pass."""
+        b_dec = self.b_dec if self.apply_b_dec_to_input else None
+        return topk_encode(x, self.W_enc, self.b_enc, b_dec, self.k, aux_mask, aux_k)
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> ForwardOutput:
+        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        aux_k = min(self.cfg.aux_k, n_dead)
+        values, indices, aux_values, aux_indices = self._select(x, dead_mask if aux_k else None, aux_k)
+        sae_out = sparse_decode(values, indices, self.W_dec) + self.b_dec
+        err, fvu, mse = self._fvu_mse(x, sae_out)
+        if aux_k:
+            residual = (x - sae_out).detach()
+            aux_out = sparse_decode(aux_values, aux_indices, self.W_dec)
+            total = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+            auxk = (aux_out - residual).pow(2).sum() / total
+            aux = self.cfg.aux_k_coefficient * min(n_dead / self.cfg.aux_k, 1.0) * auxk
+        else:
+            aux = fvu.new_zeros(())
+        active = values > 0
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[indices[active]] = True
+        return ForwardOutput(sae_out, values, indices, fvu, mse, aux, fvu + aux,
+                             active.sum(-1).float().mean(), fired)
+
+    def before_step(self) -> None:
+        self._remove_parallel_grad()
+
+    def after_step(self) -> None:
+        self._unit_norm_decoder()
+
+    def _extra_cfg(self) -> dict:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}

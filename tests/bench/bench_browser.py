@@ -1,0 +1,170 @@
+"""Prompt-analyser benchmark: a GPT-2-Small-shaped encoder in headless Chromium vs Python onnxruntime.
+
+    python tests/bench/bench_browser.py [--modes int4 int8] [--repeats 5]
+
+A GPT-2 Small shape (GPT2Config() defaults, random weights; the tiny world's tokenizer, whose ids
+fit the 50,257-token vocabulary) at layer 8 plus a 24,576-latent random SAE encoder is exported
+with `atlas.export`, served from 127.0.0.1 and run single-threaded with onnxruntime-web (wasm).
+Reports the web download, time to first result (download + init + run, cold cache), warm latency
+for 64- and 128-token prompts, the same runs in Python onnxruntime (1 thread) and their ratio.
+Prints a Markdown table and writes runs/bench/browser.json. Parity numbers on random weights say
+little about a trained model; they are reported for completeness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+OUT = ROOT / "runs/bench"
+GOALS = {"warm_64_s": 0.5, "first_result_s": 5.0, "web_mb": 100}
+
+
+def gpt2_shaped(out: Path) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from tiny_world import build as build_tiny_world
+
+    if (out / "model.safetensors").exists():
+        return out
+    world = build_tiny_world(OUT / "tiny-world")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(out)
+    PreTrainedTokenizerFast.from_pretrained(world / "model").save_pretrained(out)
+    return out
+
+
+def export_mode(model_dir: Path, mode: str) -> Path:
+    from atlas import export
+    from atlas.config import RunConfig
+    from atlas.model import load_model
+    from test_export import make_sae
+
+    out = OUT / f"onnx-{mode}"
+    if (out / "parity.json").exists():
+        return out
+    cfg = RunConfig()
+    cfg.model.name, cfg.model.layer = str(model_dir), 8
+    cfg.export.quantization, cfg.export.min_top1_agreement = mode, 0.0
+    loaded = load_model(cfg.model.name)
+    out.mkdir(parents=True, exist_ok=True)
+    export.export_dir(out, loaded, make_sae(loaded.d_model, 24576), cfg, f"bench-{mode}",
+                      [export.encode_with_bos(loaded, t, 128) for t in export.FALLBACK_TEXTS])
+    return out
+
+
+def prompt_of(tokenizer, bos: int, n: int) -> str:
+    """A text that tokenises to exactly n tokens with BOS."""
+    words = "Once upon a time there was a little dog named Max who liked to play in the park with a red ball".split()
+    text, i = "", 0
+    while len(tokenizer.encode(text, add_special_tokens=False).ids) < n - 1:
+        text += (" " if text else "") + words[i % len(words)]
+        i += 1
+    while len(tokenizer.encode(text, add_special_tokens=False).ids) > n - 1:
+        text = text[:-1]
+    return text
+
+
+def browser_times(site: Path, prompts: dict[int, str], repeats: int) -> dict:
+    from browser import open_browser, serve
+
+    sel = "section.atlas-prompt[data-state=done], section.atlas-prompt[data-state=error]"
+
+    def run(page, text):
+        page.evaluate("document.querySelector('section.atlas-prompt').removeAttribute('data-state')")
+        page.fill(".atlas-prompt-input", text)
+        t0 = time.perf_counter()
+        page.click(".atlas-prompt-form button")
+        page.wait_for_selector(sel, state="attached", timeout=300_000)
+        wall = time.perf_counter() - t0
+        status = page.inner_text(".atlas-status")
+        assert page.get_attribute("section.atlas-prompt", "data-state") == "done", status
+        return wall, float(status.split(" in ")[1].split(" ms")[0]) / 1000
+
+    with serve(site) as base, open_browser() as b:
+        page = b.new_page()
+        page.goto(base + "prompt.html")
+        first, _ = run(page, prompts[64])
+        res = {"first_result_s": first}
+        for n, text in prompts.items():
+            res[f"warm_{n}_s"] = statistics.median(run(page, text)[1] for _ in range(repeats))
+        page.reload()  # second visit: model from the Cache API
+        res["cached_first_result_s"] = run(page, prompts[64])[0]
+        assert not b.external_requests and not page.console_errors, (b.external_requests, page.console_errors)
+    return res
+
+
+def python_times(onnx: Path, tokenizer, bos: int, prompts: dict[int, str], repeats: int) -> dict:
+    from atlas import export
+
+    t0 = time.perf_counter()
+    sess = export.session(onnx / "encoder.web.onnx", threads=1)
+    res = {"py_init_s": time.perf_counter() - t0}
+    for n, text in prompts.items():
+        ids = [bos] + tokenizer.encode(text, add_special_tokens=False).ids
+        export.run_session(sess, ids)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            export.run_session(sess, ids)
+            ts.append(time.perf_counter() - t0)
+        res[f"py_warm_{n}_s"] = statistics.median(ts)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", nargs="+", default=["int4", "int8"])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    from tokenizers import Tokenizer
+
+    from test_browser_analyser import assemble_site
+
+    model_dir = gpt2_shaped(OUT / "gpt2-shaped")
+    rows = {}
+    for mode in args.modes:
+        t0 = time.perf_counter()
+        onnx = export_mode(model_dir, mode)
+        meta = json.loads((onnx / "model.json").read_text())
+        parity = json.loads((onnx / "parity.json").read_text())
+        tok = Tokenizer.from_file(str(onnx / "tokenizer.json"))
+        prompts = {n: prompt_of(tok, meta["bos_token_id"], n) for n in (64, 128)}
+        site = OUT / f"site-{mode}"
+        import shutil
+
+        shutil.rmtree(site, ignore_errors=True)
+        assemble_site(site, onnx)
+        row = {"web_mb": meta["total_bytes"] / 1e6, "files": meta["bytes"],
+               "top1_vs_torch": parity["web"]["top1_agreement"], "topk_overlap_vs_torch": parity["web"]["topk_overlap"],
+               "export_s": time.perf_counter() - t0}
+        row.update(browser_times(site, prompts, args.repeats))
+        row.update(python_times(onnx, tok, meta["bos_token_id"], prompts, args.repeats))
+        row["ratio_64"] = row["warm_64_s"] / row["py_warm_64_s"]
+        row["ratio_128"] = row["warm_128_s"] / row["py_warm_128_s"]
+        rows[mode] = row
+    print("\n| web file | download MB | first result s | cached first s | warm 64 s | warm 128 s | "
+          "Python ORT 64 s | Python ORT 128 s | browser/Python 64 | top-1 vs torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode, r in rows.items():
+        print(f"| {mode} | {r['web_mb']:.1f} | {r['first_result_s']:.2f} | {r['cached_first_result_s']:.2f} | "
+              f"{r['warm_64_s']:.3f} | {r['warm_128_s']:.3f} | {r['py_warm_64_s']:.3f} | {r['py_warm_128_s']:.3f} | "
+              f"{r['ratio_64']:.2f} | {r['top1_vs_torch']:.3f} |")
+    print(f"\ngoals: web download <= {GOALS['web_mb']} MB, warm 64 tokens <= {GOALS['warm_64_s']} s "
+          f"(single-threaded), first result <= {GOALS['first_result_s']} s from a local server")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "browser.json").write_text(json.dumps({"goals": GOALS, "results": rows, "model": "GPT2Config() random, "
+                                                  "layer 8, d_sae 24576, single-threaded wasm"}, indent=2))
+    print(f"wrote {OUT / 'browser.json'}")
+
+
+if __name__ == "__main__":
+    main()

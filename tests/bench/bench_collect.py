@@ -1,0 +1,100 @@
+"""Collection throughput: `atlas collect` end to end versus the bare truncated forward it wraps,
+and the truncated forward (blocks 0..7) versus the full model with output_hidden_states.
+
+GPT-2 Small shaped (GPT2Config() defaults, random weights: the hub is not reachable here, and
+weights do not change the arithmetic), layer 8, 128-token contexts, float32 on the CPU.
+Writes runs/bench/collect.json.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from tiny_world import write_corpus  # noqa: E402
+
+N_CONTEXTS, CTX, BATCH, LAYER = 96, 128, 16, 8
+
+
+def main() -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from atlas.corpus import iter_contexts, iter_texts
+    from atlas.config import CorpusConfig
+    from atlas.model import load_model
+
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="bench-collect-"))
+    model_dir = work / "gpt2-shaped"
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(model_dir)
+    # GPT-2's tokenizer is not on disk here; the tiny world's BPE tokenizer stands in (ids < 50257).
+    from tiny_world import build as build_tiny
+
+    tiny = build_tiny(work / "tiny")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / f).write_bytes((tiny / "model" / f).read_bytes())
+    write_corpus(work / "corpus.jsonl", 4000)
+
+    loaded = load_model(str(model_dir))
+    ctx = list(iter_contexts(iter_texts(CorpusConfig(dataset=str(work / "corpus.jsonl"))), loaded.tokenizer, CTX,
+                             loaded.bos_token_id, loaded.separator_token_id))[:N_CONTEXTS]
+    ids = torch.tensor(ctx, dtype=torch.long)
+    assert len(ids) == N_CONTEXTS
+    n_tok = ids.numel()
+
+    def timed(fn) -> float:
+        fn(ids[:BATCH])  # warm-up
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, N_CONTEXTS, BATCH):
+                fn(ids[i:i + BATCH])
+        return n_tok / (time.perf_counter() - t0)
+
+    truncated = loaded.truncated(LAYER)
+    with torch.inference_mode():
+        bare = timed(lambda x: truncated(x))
+        full = timed(lambda x: loaded.model(input_ids=x, output_hidden_states=True).hidden_states[LAYER])
+
+    cfg = {"model": {"name": str(model_dir), "layer": LAYER, "device": "cpu"},
+           "corpus": {"dataset": str(work / "corpus.jsonl"), "ctx_len": CTX, "n_tokens": n_tok,
+                      "batch_size": BATCH, "chunk_contexts": 32, "store_dtype": "float16"}}
+    (work / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "atlas.cli", "collect", "--config", "bench.yaml"], cwd=work, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    # Process start and model load are a fixed cost, reported apart from the streaming rate.
+    load_t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"from atlas.model import load_model; load_model({str(model_dir)!r})"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    startup = time.perf_counter() - load_t0
+    ours = n_tok / (wall - startup)
+    result = {
+        "title": "Collection (GPT-2 Small shape, layer 8, 128-token contexts, CPU float32 → float16 store)",
+        "columns": ["measure", "ours", "peer", "ratio", "goal"],
+        "rows": [
+            ["atlas collect vs bare truncated forward (tok/s)", f"{ours:,.0f}", f"{bare:,.0f}", f"{ours / bare:.2f}×", "≥ 0.9×"],
+            ["truncated forward (8 blocks) vs full forward + hidden_states (tok/s)", f"{bare:,.0f}", f"{full:,.0f}",
+             f"{bare / full:.2f}×", "> 1×"],
+        ],
+        "notes": f"{n_tok:,} tokens; atlas collect's rate excludes {startup:.1f} s of process start and model load.",
+    }
+    out = ROOT / "runs" / "bench" / "collect.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    r = main()
+    print(json.dumps(r, indent=2))
