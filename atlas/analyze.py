@@ -49,7 +49,7 @@ from tqdm import tqdm
 from atlas import distributed
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
-from atlas.featuremap import map_coordinates, unit_rows
+from atlas.featuremap import UMAP_MIN_FEATURES, map_coordinates, unit_rows
 from atlas.labels import Evidence, get_explainer
 from atlas.shards import (EXAMPLES_SCHEMA, FEATURES_SCHEMA, SCHEMA_VERSION, VOCAB_SCHEMA, shard_name,
                           write_table)
@@ -95,7 +95,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         w_u = loaded.unembedding()
         vocab = vocab_texts(loaded.tokenizer)
         with atomic_dir(out, fp, stage="analyze") as tmp:
-            manifest = write_features(tmp, stream, w_dec.cpu(), w_u, vocab, a, store.tokens)
+            manifest = write_features(tmp, stream, w_dec, w_u, vocab, a, store.tokens, device)
             manifest.update(run_metadata(cfg, store, sae_dir, w_u is not None))
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(partial, ignore_errors=True)
@@ -154,6 +154,8 @@ class StreamResult:
     res_pos: torch.Tensor
     """[d_sae, n_intervals, per_interval] store rows; -1 where an interval has fewer members."""
     windows: "Windows"
+    seconds: dict
+    """Wall time of each pass in this process (encode, sample, windows)."""
 
 
 @dataclass
@@ -287,6 +289,8 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
         torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}, tmp)
         os.replace(tmp, ckpt)
 
+    seconds = {}
+    t0 = time.perf_counter()
     # Pass 1: encode, statistics, top-k, spill.
     if state["phase"] == "encode":
         spill.truncate(state["tokens_done"], state["entries_done"])
@@ -313,6 +317,7 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
         bar.close()
         state.update(phase="sample", sample_tokens=0, sample_entries=0, **_sample_init(state, d_sae, a, device))
         save()
+    seconds["encode"], t0 = time.perf_counter() - t0, time.perf_counter()
 
     # Pass 2: histograms and interval reservoirs, with exact edges.
     if state["phase"] == "sample":
@@ -330,18 +335,21 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
         assert state["res_key"].shape[0] == G
         state["phase"] = "windows"
         save()
+    seconds["sample"], t0 = time.perf_counter() - t0, time.perf_counter()
 
     # Pass 3: per-token activations of the chosen examples' windows.
     cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
     res_pos = cpu["res_pos"].view(d_sae, a.n_intervals, a.per_interval)
     ex_feat, ex_row = _example_list(cpu["top_pos"], res_pos)
     windows = _fill_windows(spill, n_tok, L, B, d_sae, ex_feat, ex_row, a.context_left, a.context_right)
+    seconds["windows"] = time.perf_counter() - t0
     return StreamResult(
         n_tokens=n_tok - (store.n_contexts if a.skip_bos else 0),
         n_fired=cpu["n_fired"], sum_act=cpu["sum_act"], max_act=cpu["max_act"],
         hist_edges=cpu["hist_edges"], hist_counts=cpu["hist_counts"].view(d_sae, -1),
         interval_edges=cpu["interval_edges"], top_val=cpu["top_val"], top_pos=cpu["top_pos"],
         res_val=cpu["res_val"].view(d_sae, a.n_intervals, a.per_interval), res_pos=res_pos, windows=windows,
+        seconds=seconds,
     )
 
 
@@ -444,7 +452,7 @@ def logit_effects(w_dec: torch.Tensor, w_u: torch.Tensor | None, n: int, block: 
     """
     d_sae = w_dec.shape[0]
     if w_u is None or n == 0:
-        e = torch.zeros(d_sae, 0)
+        e = torch.zeros(d_sae, 0, device=w_dec.device)
         return e.long(), e, e.long(), e
     n = min(n, w_u.shape[1])
     out = [[], [], [], []]
@@ -468,7 +476,7 @@ def neighbours(w_dec: torch.Tensor, n: int, block: int = 1024) -> tuple[torch.Te
     ids, cos = [], []
     for s in range(0, d_sae, block):
         sim = u[s:s + block] @ u.T
-        r = torch.arange(sim.shape[0])
+        r = torch.arange(sim.shape[0], device=sim.device)
         sim[r, r + s] = _NEG
         v, i = sim.topk(n, dim=1)
         ids.append(i)
@@ -483,13 +491,18 @@ def vocab_texts(tokenizer) -> list[str]:
 
 
 def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: list[str], a,
-                   tokens: np.ndarray) -> dict:
-    """Write the shards and vocab.parquet into `out`; return the manifest's shard/analysis keys."""
+                   tokens: np.ndarray, device: torch.device = torch.device("cpu")) -> dict:
+    """Write the shards and vocab.parquet into `out`; return the manifest's shard/analysis keys.
+
+    Logit effects and neighbours are computed on `device`; everything else on the CPU."""
     d_sae = w_dec.shape[0]
     flat_tokens = torch.from_numpy(np.ascontiguousarray(tokens).reshape(-1).astype(np.int32))
     t0 = time.perf_counter()
-    top_ids, top_vals, bot_ids, bot_vals = logit_effects(w_dec, w_u, a.n_logits)
-    nb_ids, nb_cos = neighbours(w_dec, a.n_neighbours)
+    on = w_dec.to(device)
+    top_ids, top_vals, bot_ids, bot_vals = (t.cpu() for t in logit_effects(
+        on, w_u.to(device) if w_u is not None else None, a.n_logits))
+    nb_ids, nb_cos = (t.cpu() for t in neighbours(on, a.n_neighbours))
+    w_dec = w_dec.cpu()
     xy = map_coordinates(w_dec, a.map_method, a.seed)
     t_post = time.perf_counter() - t0
 
@@ -582,7 +595,7 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
         "n_examples": int(len(ex_feat)),
         "vocab_size": len(vocab),
         "has_logits": w_u is not None,
-        "map_method": a.map_method if not (a.map_method == "umap" and d_sae < 32) else "pca",
+        "map_method": "pca" if d_sae < UMAP_MIN_FEATURES else a.map_method,
         "label_source": a.explainer,
         "analyze": asdict(a),
         "postprocess_seconds": round(t_post, 2),

@@ -58,9 +58,11 @@ class EncoderGraph(nn.Module):
         self.top_k = top_k
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        resid = self.truncated(input_ids.long())
-        acts = self.sae.encode(resid.to(self.sae.W_enc.dtype))
-        top_acts, top_ids = acts.topk(self.top_k, dim=-1)
+        resid = self.truncated(input_ids.long()).to(self.sae.W_enc.dtype)
+        if hasattr(self.sae, "encode_topk"):  # atlas.saes: no dense [seq, d_sae] scatter in the graph
+            top_acts, top_ids = self.sae.encode_topk(resid, self.top_k)
+        else:
+            top_acts, top_ids = self.sae.encode(resid).topk(self.top_k, dim=-1)
         return top_ids.to(torch.int32), top_acts.float()
 
 
@@ -206,6 +208,9 @@ def quantize(model, mode: str):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
     model = onnx.ModelProto.FromString(model.SerializeToString())
     import tempfile
 
@@ -224,8 +229,14 @@ def quantize(model, mode: str):
         else:
             raise AtlasError(f"export.quantization = {mode!r}: must be int4 or int8")
         onnx.save(model, src, save_as_external_data=model.ByteSize() > 1.8e9)
-        quantize_dynamic(src, dst, op_types_to_quantize=ops, weight_type=QuantType.QInt8, per_channel=False,
-                         extra_options={"MatMulConstBOnly": True}, use_external_data_format=False)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its "consider pre-processing" hint is for static quantisation
+        try:
+            quantize_dynamic(src, dst, op_types_to_quantize=ops, weight_type=QuantType.QInt8, per_channel=False,
+                             extra_options={"MatMulConstBOnly": True}, use_external_data_format=False)
+        finally:
+            root.setLevel(level)
         return onnx.load(dst)
 
 
@@ -268,6 +279,7 @@ def _save(model, path: Path) -> list[str]:
     from onnx.external_data_helper import set_external_data
 
     path = Path(path)
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # the caller's copy keeps its weights
     if model.ByteSize() <= MAX_FILE_BYTES:
         onnx.save(model, path)
         return [path.name]

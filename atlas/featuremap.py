@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 # UMAP needs a neighbourhood; below this many features the map is PCA whatever was asked.
-_UMAP_MIN_FEATURES = 32
+UMAP_MIN_FEATURES = 32
 
 
 def unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,7 @@ def unit_rows(w: torch.Tensor) -> torch.Tensor:
 def map_coordinates(w_dec: torch.Tensor, method: str = "umap", seed: int = 0) -> np.ndarray:
     """[d_sae, 2] float32 map coordinates in [0, 1] of the decoder rows `w_dec` [d_sae, d_in]."""
     x = unit_rows(w_dec.detach().cpu())
-    if method == "umap" and x.shape[0] >= _UMAP_MIN_FEATURES:
+    if method == "umap" and x.shape[0] >= UMAP_MIN_FEATURES:
         xy = _umap(x.numpy(), seed)
     else:
         xy = _pca(x)

@@ -32,6 +32,7 @@ SKELETON = "__atlas_skeleton__"
 TITLE_MARK = "@@ATLAS_TITLE@@"
 CONTENT_MARK = "@@ATLAS_CONTENT@@"
 LEVELS = 8                       # highlight intensity classes a1..a8
+INTERVAL_WINDOW = (8, 4)         # tokens shown left and right of the marked one in interval samples
 
 
 def jinja_env() -> Environment:
@@ -128,16 +129,24 @@ class SiteFacts:
 # ---------------------------------------------------------------- view models
 
 
-def token_markup(vocab_html: list[str], token_ids, acts, max_act: float, mark: int) -> Markup:
-    """A token window as HTML: active tokens become <mark class="aN"> with the value on hover/focus."""
+def token_markup(vocab_html: list[str], token_ids, acts, max_act: float, mark: int,
+                 window: tuple[int, int] | None = None) -> Markup:
+    """A token window as HTML: active tokens become <i class=aN> with the value on hover/focus (title, tabindex).
+
+    Attributes are unquoted (their values never need quotes) to keep 24,576 pages small.
+    """
+    if window is not None:
+        lo, hi = max(0, mark - window[0]), mark + window[1] + 1
+        token_ids, acts, mark = token_ids[lo:hi], acts[lo:hi], mark - lo
     out = []
     scale = LEVELS / max_act if max_act > 0 else 0.0
+    n = len(vocab_html)
     for i, (t, a) in enumerate(zip(token_ids, acts)):
-        text = vocab_html[t] if 0 <= t < len(vocab_html) else "\ufffd"
+        text = vocab_html[t] if 0 <= t < n else "\ufffd"
         if a > 0:
             lvl = min(LEVELS, int(a * scale) + 1)
-            cls = f"a{lvl} pk" if i == mark else f"a{lvl}"
-            out.append(f'<mark class="{cls}" title="{a:.3g}" tabindex="0">{text}</mark>')
+            cls = f'"a{lvl} pk"' if i == mark else f"a{lvl}"
+            out.append(f"<i class={cls} title={a:.2g} tabindex=0>{text}</i>")
         else:
             out.append(text)
     return Markup("".join(out))
@@ -160,14 +169,15 @@ def feature_view(row: dict, examples: list[dict], facts: SiteFacts, vocab_html: 
     fid = row["feature_id"]
     max_act = row["max_act"] or 0.0
 
-    def window(ex):
+    def window(ex, trim=None):
         return {"act": fmt_num(ex["activation"]),
-                "html": token_markup(vocab_html, ex["token_ids"], ex["acts"], max_act, ex["offset"] - ex["window_start"])}
+                "html": token_markup(vocab_html, ex["token_ids"], ex["acts"], max_act, ex["offset"] - ex["window_start"],
+                                     trim)}
 
     top = [window(e) for e in sorted((e for e in examples if e["kind"] == "top"), key=lambda e: e["rank"])]
     by_interval: dict[int, list] = {}
     for e in sorted((e for e in examples if e["kind"] != "top"), key=lambda e: (e["interval"], e["rank"])):
-        by_interval.setdefault(e["interval"], []).append(window(e))
+        by_interval.setdefault(e["interval"], []).append(window(e, INTERVAL_WINDOW))
     edges = row["interval_edges"] or []
     intervals = [{"lo": fmt_num(edges[i]) if i < len(edges) else "", "hi": fmt_num(edges[i + 1]) if i + 1 < len(edges) else "",
                   "examples": exs} for i, exs in sorted(by_interval.items(), reverse=True)]

@@ -147,3 +147,23 @@ def test_js_tokenizer_matches_python(exported, loaded):
     for s, a, b in zip(TRICKY, js, py):
         assert a == b, f"{s!r}: js {a} != python {b}"
     assert js[TRICKY.index("<|endoftext|>")] == [loaded.bos_token_id]
+
+
+def test_run_with_an_atlas_sae(tiny_world, tmp_path, monkeypatch, capsys):
+    """`export.run` end to end: a topk SAE from atlas.saes in runs/X/sae/, stamped; a second run is skipped."""
+    saes = pytest.importorskip("atlas.saes")
+    from atlas.stage import atomic_dir, read_stamp
+
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(path=str(tmp_path / "t.yaml"))
+    cfg.model.name, cfg.model.layer = str(tiny_world / "model"), LAYER
+    cfg.corpus.dataset = str(tiny_world / "corpus.jsonl")
+    cfg.sae.architecture, cfg.sae.d_sae, cfg.sae.k = "topk", 256, 8
+    with atomic_dir(cfg.run_dir / "sae", "sae-fingerprint") as d:
+        saes.build_sae(cfg.sae, 64).save(d)
+    out = export.run(cfg)
+    report = json.loads((out / "parity.json").read_text())
+    assert report["full"]["ok"] and report["web"]["ok"], report
+    assert read_stamp(out)["fingerprint"] and not (tmp_path / "runs/t/onnx.tmp").exists()
+    export.run(cfg)
+    assert "current, skipped" in capsys.readouterr().out

@@ -52,7 +52,7 @@ def test_home_and_feature_page(browser, site_url, shots):
     assert page.locator("h1").first.inner_text()
     _clean(page)
     page = _visit(browser, site_url + "features/53/index.html", shots / "feature.png")
-    assert page.locator("mark[title]").count() > 0
+    assert page.locator(".atlas-ctx i[title]").count() > 0
     assert page.evaluate("() => !!window.__pwned") is False
     assert page.locator("img[src=x]").count() == 0
     _clean(page)
@@ -120,4 +120,4 @@ def test_file_url_pages_work(browser, built_site):
     href = page.locator("#atlas-rows a").first.get_attribute("href")
     assert href.startswith("file://") and href.endswith("/index.html")
     page.goto(href)
-    assert page.locator("mark[title]").count() > 0 or page.locator(".atlas-badge.dead").count() > 0
+    assert page.locator(".atlas-ctx i[title]").count() > 0 or page.locator(".atlas-badge.dead").count() > 0

@@ -16,9 +16,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-
 
 class TopKEncode(torch.autograd.Function):
     """relu(top-k of (x - b_dec) @ W_enc + b_enc) per row, plus optionally the top aux_k among
@@ -59,7 +56,10 @@ class TopKEncode(torch.autograd.Function):
             grad_b_dec = -(W_enc @ grad_b)  # x_in = x - b_dec for every row
         if ctx.needs_input_grad[1]:
             crow = torch.arange(0, n * width + 1, width, device=idx.device)
-            sparse = torch.sparse_csr_tensor(crow, idx.flatten(), grad.flatten().contiguous(), (n, d_sae))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                sparse = torch.sparse_csr_tensor(crow, idx.flatten(), grad.flatten().contiguous(), (n, d_sae),
+                                                 check_invariants=False)
             grad_W = x_in.t() @ sparse  # [d_in, d_sae]: only the chosen entries contribute
             if grad_W.layout != torch.strided:
                 grad_W = grad_W.to_dense()

@@ -17,6 +17,9 @@ from torch import Tensor
 from atlas.saes.base import ForwardOutput, SparseAutoencoder
 from atlas.saes.fused import sparse_decode, topk_encode
 
+DENSE_AUX_FACTOR = 4
+"""Up to this many times aux_k dead latents, AuxK runs as dense products over the dead ones."""
+
 
 class TopKSAE(SparseAutoencoder):
     architecture = "topk"
@@ -46,12 +49,18 @@ class TopKSAE(SparseAutoencoder):
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> ForwardOutput:
         n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
         aux_k = min(self.cfg.aux_k, n_dead)
-        values, indices, aux_values, aux_indices = self._select(x, dead_mask if aux_k else None, aux_k)
+        # Few dead latents: AuxK as dense products over just those (cheap); many: sparse, fused.
+        fused_aux = aux_k > 0 and n_dead > DENSE_AUX_FACTOR * aux_k
+        values, indices, aux_values, aux_indices = self._select(x, dead_mask if fused_aux else None,
+                                                                aux_k if fused_aux else 0)
         sae_out = sparse_decode(values, indices, self.W_dec) + self.b_dec
         err, fvu, mse = self._fvu_mse(x, sae_out)
         if aux_k:
             residual = (x - sae_out).detach()
-            aux_out = sparse_decode(aux_values, aux_indices, self.W_dec)
+            if fused_aux:
+                aux_out = sparse_decode(aux_values, aux_indices, self.W_dec)
+            else:
+                aux_out = self._dense_aux(x, dead_mask.nonzero().flatten(), aux_k)
             total = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
             auxk = (aux_out - residual).pow(2).sum() / total
             aux = self.cfg.aux_k_coefficient * min(n_dead / self.cfg.aux_k, 1.0) * auxk
@@ -62,6 +71,17 @@ class TopKSAE(SparseAutoencoder):
         fired[indices[active]] = True
         return ForwardOutput(sae_out, values, indices, fvu, mse, aux, fvu + aux,
                              active.sum(-1).float().mean(), fired)
+
+    def _dense_aux(self, x: Tensor, dead: Tensor, aux_k: int) -> Tensor:
+        """W_dec-reconstruction from the top aux_k of the dead latents, computed on those alone."""
+        x_in = x - self.b_dec.detach() if self.apply_b_dec_to_input else x
+        pre = x_in @ self.W_enc[:, dead] + self.b_enc[dead]
+        if aux_k < len(dead):
+            v, i = pre.topk(aux_k, dim=-1, sorted=False)
+            acts = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
+        else:
+            acts = torch.relu(pre)
+        return acts @ self.W_dec[dead]
 
     def before_step(self) -> None:
         self._remove_parallel_grad()

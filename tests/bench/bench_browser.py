@@ -142,7 +142,7 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(site, ignore_errors=True)
-        assemble_site(site, onnx)
+        assemble_site(site, onnx, labels=[])
         row = {"web_mb": meta["total_bytes"] / 1e6, "files": meta["bytes"],
                "top1_vs_torch": parity["web"]["top1_agreement"], "topk_overlap_vs_torch": parity["web"]["topk_overlap"],
                "export_s": time.perf_counter() - t0}

@@ -1,0 +1,98 @@
+"""Benchmark: `atlas analyze` streaming throughput versus the SAE encoder matmul alone.
+
+    python tests/bench/bench_analyze.py [n_tokens]      # default 65,536 tokens
+
+A TopK SAE (d_in 768, d_sae 24,576, k 32) with random weights, on random activations held in
+memory (so disk speed is not measured). Both sides see the same batches on the same machine in
+one run: the peer is `(x - b_dec) @ W_enc + b_enc` per batch; analysis is the three streaming
+passes of atlas.analyze (encode + statistics + top-k + spill, histograms + interval reservoirs,
+example windows). The per-feature work after streaming (logit effects against a 50,257-token
+W_U, decoder neighbours, the PCA map, writing shards) does not grow with the tokens and is
+timed separately. Peak memory is the process' max RSS. Prints a Markdown row and writes
+runs/bench/analyze.json.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atlas import analyze
+from atlas.config import AnalyzeConfig, SAEConfig
+from atlas.saes import build_sae
+
+D_IN, D_SAE, K, VOCAB, CTX = 768, 24576, 32, 50257, 128
+
+
+class MemoryStore:
+    """The part of ActivationStore that analysis reads, over a tensor in memory."""
+
+    def __init__(self, acts: torch.Tensor, ctx_len: int):
+        self.acts, self.ctx_len = acts, ctx_len
+        self.n_tokens = acts.shape[0]
+        self.n_contexts = self.n_tokens // ctx_len
+        self.tokens = np.random.default_rng(0).integers(0, VOCAB, (self.n_contexts, ctx_len), dtype=np.int32)
+
+    def iter_batches(self, batch_tokens, rows=None):
+        rows = rows if rows is not None else range(self.n_tokens)
+        for s in range(rows.start, rows.stop, batch_tokens):
+            yield s, self.acts[s:min(s + batch_tokens, rows.stop)]
+
+
+def main(n_tokens: int = 65536) -> dict:
+    torch.manual_seed(0)
+    n_tokens -= n_tokens % CTX
+    sae = build_sae(SAEConfig(architecture="topk", d_sae=D_SAE, k=K), D_IN).eval().requires_grad_(False)
+    acts = torch.randn(n_tokens, D_IN) * 3
+    store = MemoryStore(acts, CTX)
+    a = AnalyzeConfig(map_method="pca")
+    batches = [x for _, x in store.iter_batches(a.batch_tokens)]
+
+    with torch.inference_mode():
+        sae.encode_pre(batches[0][:256])  # warm-up
+        t0 = time.perf_counter()
+        for x in batches:
+            sae.encode_pre(x)
+        t_matmul = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = analyze.analyze_stream(store, analyze.sparse_encoder(sae), D_SAE, a, Path(tmp) / "partial", "bench")
+        t_stream = time.perf_counter() - t0
+        w_u = torch.randn(D_IN, VOCAB) / D_IN ** 0.5
+        vocab = [f"t{i}" for i in range(VOCAB)]
+        out = Path(tmp) / "features"
+        out.mkdir()
+        t0 = time.perf_counter()
+        manifest = analyze.write_features(out, res, sae.W_dec.detach(), w_u, vocab, a, store.tokens)
+        t_post = time.perf_counter() - t0
+        size = sum(p.stat().st_size for p in out.iterdir())
+
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result = {
+        "n_tokens": n_tokens, "d_in": D_IN, "d_sae": D_SAE, "k": K, "batch_tokens": a.batch_tokens,
+        "device": "cpu", "threads": torch.get_num_threads(),
+        "matmul_tok_s": n_tokens / t_matmul, "analyze_tok_s": n_tokens / t_stream,
+        "ratio": t_matmul / t_stream, "stream_s": t_stream, "matmul_s": t_matmul,
+        "pass_s": {k: round(v, 2) for k, v in res.seconds.items()},
+        "per_feature_s": t_post, "per_feature_postprocess_s": manifest["postprocess_seconds"],
+        "peak_rss_gb": peak_gb, "features_mb": size / 2**20, "n_examples": manifest["n_examples"],
+    }
+    print("| d_sae | tokens | encoder matmul tok/s | analyze tok/s | ratio | per-feature stage s | peak RSS GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {D_SAE:,} | {n_tokens:,} | {result['matmul_tok_s']:,.0f} | {result['analyze_tok_s']:,.0f} | "
+          f"{result['ratio']:.2f}x | {t_post:.1f} | {peak_gb:.2f} |")
+    Path("runs/bench").mkdir(parents=True, exist_ok=True)
+    Path("runs/bench/analyze.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 65536)

@@ -1,0 +1,234 @@
+"""SAE architectures: dictionary recovery, the SAELens file format both ways, the sparse kernel."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from atlas.config import SAEConfig, TrainConfig
+from atlas.errors import AtlasError
+from atlas.saes import ARCHITECTURES, build_sae, load_sae
+from atlas.saes.fused import sparse_decode, topk_encode
+from atlas.train import tensor_stream, train_sae
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matrices: one thread is faster, and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def planted(n=16384, d_in=32, n_atoms=48, active=3, noise=0.01, seed=0):
+    """x = sparse codes @ D + noise + offset, with unit-norm atoms D [n_atoms, d_in]."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(n_atoms, d_in, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    idx = torch.rand(n, n_atoms, generator=g).argsort(1)[:, :active]
+    codes = torch.zeros(n, n_atoms).scatter(1, idx, 0.5 + torch.rand(n, active, generator=g))
+    return codes @ D + noise * torch.randn(n, d_in, generator=g) + 0.3, D
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_recovers_planted_dictionary(arch):
+    x, D = planted()
+    cfg = SAEConfig(architecture=arch, d_sae=96, k=3, aux_k=16, l1_coefficient=1.0)
+    tc = TrainConfig(batch_size=256, n_tokens=256 * 1200, lr=3e-3, warmup_steps=20, dead_after_tokens=25_600,
+                     l1_warmup_steps=100)
+    sae, summary = train_sae(cfg, tc, tensor_stream(x), progress=False)
+    W = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    recovered = ((D @ W.T).max(dim=1).values > 0.9).float().mean().item()
+    assert recovered >= 0.9, f"{arch}: recovered {recovered:.0%} of the planted directions"
+    assert summary["finished"]
+
+
+def _trained_like(arch, d_in=16, d_sae=64, seed=0):
+    sae = build_sae(SAEConfig(architecture=arch, d_sae=d_sae, k=4), d_in, seed=seed,
+                    metadata={"model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre", "context_size": 128})
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        sae.W_dec.mul_(1.5)  # non-unit decoder norms exercise the folding on save
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.2)
+        if arch == "jumprelu":
+            sae.threshold.fill_(0.05)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_save_load_round_trip(arch, tmp_path):
+    sae = _trained_like(arch)
+    x = torch.randn(50, 16)
+    sae.save(tmp_path)
+    back = load_sae(tmp_path)
+    assert torch.allclose(back.reconstruct(x), sae.reconstruct(x), atol=1e-5)
+    # the same latents fire; magnitudes may carry the decoder norm (folded on save)
+    assert torch.equal(back.encode(x) > 0, sae.encode(x) > 0)
+    if arch in ("relu", "jumprelu"):  # decoder norms are folded into the encoder on save
+        assert torch.allclose(back.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,saelens_arch", [("relu", "standard"), ("topk", "topk"), ("batchtopk", "jumprelu"),
+                                               ("jumprelu", "jumprelu")])
+def test_saelens_cfg_format(arch, saelens_arch, tmp_path):
+    from safetensors.torch import load_file
+
+    _trained_like(arch).save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    for key in ("d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
+                "reshape_activations", "metadata", "architecture"):
+        assert key in cfg, key
+    assert cfg["architecture"] == saelens_arch
+    assert cfg["metadata"]["hook_name"] == "blocks.8.hook_resid_pre"
+    assert cfg["metadata"]["model_name"] == "gpt2"
+    assert cfg["metadata"]["sae_lens_version"].startswith("6.")
+    assert cfg["metadata"]["training_architecture"] == arch
+    if arch == "topk":
+        assert cfg["k"] == 4 and cfg["rescale_acts_by_decoder_norm"] is False
+    tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
+    expect = {"W_enc": (16, 64), "b_enc": (64,), "W_dec": (64, 16), "b_dec": (16,)}
+    if saelens_arch == "jumprelu":
+        expect["threshold"] = (64,)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expect
+
+
+def _write_saelens(path, cfg, tensors):
+    path.mkdir()
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "sae_weights.safetensors"))
+
+
+def _tensors(d_in, d_sae, seed=0, threshold=False):
+    g = torch.Generator().manual_seed(seed)
+    t = {"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.randn(d_sae, generator=g),
+         "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g)}
+    if threshold:
+        t["threshold"] = torch.rand(d_sae, generator=g)
+    return t
+
+
+def test_loads_saelens_written_folders(tmp_path):
+    """Folders laid out as SAELens 6 writes them (and the pre-6.0 flat layout) load and encode
+    as SAELens computes it."""
+    x = torch.randn(20, 8)
+    base = {"d_in": 8, "d_sae": 32, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+            "normalize_activations": "none", "reshape_activations": "none",
+            "metadata": {"sae_lens_version": "6.54.12", "model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre"}}
+    t = _tensors(8, 32)
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+
+    _write_saelens(tmp_path / "std", {**base, "architecture": "standard"}, t)
+    sae = load_sae(tmp_path / "std")
+    assert sae.architecture == "relu"
+    assert torch.allclose(sae.encode(x), pre.relu(), atol=1e-5)
+    assert sae.metadata["hook_name"] == "blocks.8.hook_resid_pre"
+
+    _write_saelens(tmp_path / "topk", {**base, "architecture": "topk", "k": 5, "rescale_acts_by_decoder_norm": True}, t)
+    sae = load_sae(tmp_path / "topk")
+    scaled = pre * t["W_dec"].norm(dim=1)
+    v, i = scaled.topk(5)
+    want = torch.zeros_like(pre).scatter(1, i, v.relu()) @ (t["W_dec"] / t["W_dec"].norm(dim=1, keepdim=True)) + t["b_dec"]
+    assert torch.allclose(sae.reconstruct(x), want, atol=1e-4)
+
+    tj = _tensors(8, 32, threshold=True)
+    _write_saelens(tmp_path / "jr", {**base, "architecture": "jumprelu"}, tj)
+    sae = load_sae(tmp_path / "jr")
+    pre_j = (x - tj["b_dec"]) @ tj["W_enc"] + tj["b_enc"]
+    assert torch.allclose(sae.encode(x), pre_j.relu() * (pre_j > tj["threshold"]), atol=1e-5)
+
+    old = {"d_in": 8, "d_sae": 32, "model_name": "gpt2-small", "hook_point": "blocks.8.hook_resid_pre",
+           "hook_point_layer": 8, "context_size": 128, "activation_fn_str": "relu", "apply_b_dec_to_input": True}
+    _write_saelens(tmp_path / "old", old, t)
+    sae = load_sae(tmp_path / "old")
+    assert sae.architecture == "relu" and sae.metadata["hook_name"] == "blocks.8.hook_resid_pre"
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(AtlasError, match="cfg.json: missing"):
+        load_sae(tmp_path)
+    base = {"d_in": 8, "d_sae": 32, "architecture": "standard", "metadata": {"sae_lens_version": "6.0.0"}}
+    _write_saelens(tmp_path / "shape", base, _tensors(8, 16))
+    with pytest.raises(AtlasError, match="'W_enc' has shape"):
+        load_sae(tmp_path / "shape")
+    _write_saelens(tmp_path / "arch", {**base, "architecture": "gated"}, _tensors(8, 32))
+    with pytest.raises(AtlasError, match="'gated' is not supported"):
+        load_sae(tmp_path / "arch")
+    _write_saelens(tmp_path / "norm", {**base, "normalize_activations": "layer_norm"}, _tensors(8, 32))
+    with pytest.raises(AtlasError, match="normalize_activations"):
+        load_sae(tmp_path / "norm")
+
+
+def test_fused_topk_gradients_match_dense_autograd():
+    torch.manual_seed(0)
+    n, d, m, k, aux_k = 20, 8, 50, 4, 6
+    x = torch.randn(n, d, dtype=torch.double)
+    params = [torch.randn(d, m, dtype=torch.double, requires_grad=True), torch.randn(m, dtype=torch.double, requires_grad=True),
+              torch.randn(d, dtype=torch.double, requires_grad=True), torch.randn(m, d, dtype=torch.double, requires_grad=True)]
+    W, b, bd, Wd = params
+    mask = torch.rand(m) < 0.5
+
+    def loss(fused):
+        if fused:
+            v, i, av, ai = topk_encode(x, W, b, bd, k, mask, aux_k)
+            out, aux = sparse_decode(v, i, Wd) + bd, sparse_decode(av, ai, Wd)
+        else:
+            pre = (x - bd) @ W + b
+            v, i = pre.topk(k)
+            out = torch.zeros(n, m, dtype=x.dtype).scatter(1, i, v.relu()) @ Wd + bd
+            av, ai = pre.masked_fill(~mask, -torch.inf).topk(aux_k)
+            aux = torch.zeros(n, m, dtype=x.dtype).scatter(1, ai, av.relu()) @ Wd
+        return out.pow(2).sum() + (aux * out.detach()).sum()
+
+    grads = []
+    for fused in (True, False):
+        for p in params:
+            p.grad = None
+        loss(fused).backward()
+        grads.append([p.grad.clone() for p in params])
+    for a, b_ in zip(*grads):
+        assert torch.allclose(a, b_, atol=1e-9)
+
+
+def test_encode_topk_agrees_with_encode():
+    for arch in ARCHITECTURES:
+        sae = _trained_like(arch)
+        x = torch.randn(30, 16)
+        values, indices = sae.encode_topk(x, 4)
+        dense = sae.encode(x)
+        assert torch.allclose(dense.gather(1, indices), values, atol=1e-6)
+        assert torch.allclose(values, dense.topk(4).values, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_topk_encode_exports_to_onnx(tmp_path):
+    onnx = pytest.importorskip("onnxruntime")
+    sae = _trained_like("topk")
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sae = sae
+
+        def forward(self, x):
+            return self.sae.encode(x)
+
+    x = torch.randn(5, 16)
+    torch.onnx.export(Enc(), (x,), str(tmp_path / "enc.onnx"), input_names=["x"], output_names=["f"], dynamo=False)
+    got = onnx.InferenceSession(str(tmp_path / "enc.onnx")).run(None, {"x": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), sae.encode(x), atol=1e-5)
+
+
+def test_saved_sae_loads_in_saelens(tmp_path):
+    """Runs where sae-lens is installed (the bench venv: runs/bench/saelens-venv)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    x = torch.randn(10, 16)
+    for arch in ARCHITECTURES:
+        ours = _trained_like(arch)
+        ours.save(tmp_path / arch)
+        theirs = sae_lens.SAE.load_from_disk(str(tmp_path / arch))
+        assert torch.allclose(theirs(x), ours.reconstruct(x), atol=1e-5), arch
