@@ -85,15 +85,16 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     if force and partial.exists():
         shutil.rmtree(partial)
+    loaded = load_model(cfg.model.name, cfg.model.revision, "cpu", "float32")  # W_U and vocab; fail early
+    w_u = loaded.unembedding()
+    vocab = vocab_texts(loaded.tokenizer)
+    del loaded
     with ActivationStore(store_path) as store:
         sae = load_sae(sae_dir, device)
         w_dec = sae.W_dec.detach().float()
         if w_dec.shape[1] != store.d_model:
             raise AtlasError(f"{sae_dir}: SAE d_in {w_dec.shape[1]} does not match the store's d_model {store.d_model}")
         stream = analyze_stream(store, sparse_encoder(sae), w_dec.shape[0], a, partial, fp, device)
-        loaded = load_model(cfg.model.name, cfg.model.revision, "cpu", "float32")
-        w_u = loaded.unembedding()
-        vocab = vocab_texts(loaded.tokenizer)
         with atomic_dir(out, fp, stage="analyze") as tmp:
             manifest = write_features(tmp, stream, w_dec, w_u, vocab, a, store.tokens, device)
             manifest.update(run_metadata(cfg, store, sae_dir, w_u is not None))
@@ -150,7 +151,7 @@ class StreamResult:
     top_pos: torch.Tensor
     """Store rows (context * ctx_len + offset) of the top examples; -1 where empty."""
     res_val: torch.Tensor
-    """[d_sae, n_intervals, per_interval] activations of the interval samples."""
+    """[d_sae, n_intervals, per_interval] activations of the interval samples, descending."""
     res_pos: torch.Tensor
     """[d_sae, n_intervals, per_interval] store rows; -1 where an interval has fewer members."""
     windows: "Windows"
@@ -339,7 +340,11 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
 
     # Pass 3: per-token activations of the chosen examples' windows.
     cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
-    res_pos = cpu["res_pos"].view(d_sae, a.n_intervals, a.per_interval)
+    # Show each interval's sample strongest first (empty slots, value 0, stay last).
+    res_val = cpu["res_val"].view(d_sae, a.n_intervals, a.per_interval)
+    order = res_val.argsort(dim=2, descending=True, stable=True)
+    res_val = res_val.gather(2, order)
+    res_pos = cpu["res_pos"].view(d_sae, a.n_intervals, a.per_interval).gather(2, order)
     ex_feat, ex_row = _example_list(cpu["top_pos"], res_pos)
     windows = _fill_windows(spill, n_tok, L, B, d_sae, ex_feat, ex_row, a.context_left, a.context_right)
     seconds["windows"] = time.perf_counter() - t0
@@ -348,7 +353,7 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
         n_fired=cpu["n_fired"], sum_act=cpu["sum_act"], max_act=cpu["max_act"],
         hist_edges=cpu["hist_edges"], hist_counts=cpu["hist_counts"].view(d_sae, -1),
         interval_edges=cpu["interval_edges"], top_val=cpu["top_val"], top_pos=cpu["top_pos"],
-        res_val=cpu["res_val"].view(d_sae, a.n_intervals, a.per_interval), res_pos=res_pos, windows=windows,
+        res_val=res_val, res_pos=res_pos, windows=windows,
         seconds=seconds,
     )
 
@@ -407,6 +412,12 @@ def _example_list(top_pos: torch.Tensor, res_pos: torch.Tensor) -> tuple[torch.T
     return feat[ok], allpos[ok]
 
 
+def _window_rows(start: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Store rows of all windows, concatenated: window i is start[i] .. start[i] + width - 1."""
+    width = offsets.diff()
+    return torch.repeat_interleave(start - offsets[:-1], width) + torch.arange(int(offsets[-1]))
+
+
 def _fill_windows(spill: Spill, n_tok: int, L: int, B: int, d_sae: int, ex_feat: torch.Tensor,
                   ex_row: torch.Tensor, left: int, right: int) -> Windows:
     ctx, off = ex_row // L, ex_row % L
@@ -415,9 +426,7 @@ def _fill_windows(spill: Spill, n_tok: int, L: int, B: int, d_sae: int, ex_feat:
     start = ctx * L + lo
     width = hi - lo
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(width, 0)])
-    total = int(offsets[-1])
-    rows = torch.repeat_interleave(start, width) + (torch.arange(total) - torch.repeat_interleave(offsets[:-1], width))
-    keys = rows * d_sae + torch.repeat_interleave(ex_feat, width)
+    keys = _window_rows(start, offsets) * d_sae + torch.repeat_interleave(ex_feat, width)
     uk, inv = torch.unique(keys, return_inverse=True)
     found = torch.zeros(len(uk), dtype=torch.float32)
     if len(uk):
@@ -514,7 +523,7 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
 
     # Example rows, in the order of _example_list: per feature, top (rank 0..) then intervals.
     n_top, ni, per = a.n_top, a.n_intervals, a.per_interval
-    kind_top = torch.cat([torch.ones(d_sae, n_top, dtype=torch.bool), torch.zeros(d_sae, ni * per, dtype=torch.bool)], 1)
+    kind_top = torch.arange(n_top + ni * per).expand(d_sae, -1) < n_top
     interval = torch.cat([torch.full((d_sae, n_top), -1), torch.arange(ni).repeat_interleave(per).expand(d_sae, -1)], 1)
     rank = torch.cat([torch.arange(n_top).expand(d_sae, -1), torch.arange(per).repeat(ni).expand(d_sae, -1)], 1)
     allpos = torch.cat([s.top_pos, s.res_pos.reshape(d_sae, -1)], 1)
@@ -523,12 +532,9 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
     ex_feat = torch.arange(d_sae)[:, None].expand_as(allpos)[ok]
     ex_row, ex_val = allpos[ok], allval[ok]
     ex_top, ex_int, ex_rank = kind_top[ok], interval[ok], rank[ok]
-    # Interval ranks count only filled slots (reservoir slots fill in order, so this is a no-op
-    # except where an interval has fewer members than per_interval).
     L = tokens.shape[1]
     w = s.windows
-    win_tokens = flat_tokens[torch.repeat_interleave(w.start_row, w.offsets.diff()) +
-                             (torch.arange(int(w.offsets[-1])) - torch.repeat_interleave(w.offsets[:-1], w.offsets.diff()))]
+    win_tokens = flat_tokens[_window_rows(w.start_row, w.offsets)]
 
     labels = _labels(a, s, ex_feat, ex_row, flat_tokens, L, w, win_tokens, vocab, is_dead, density, top_ids)
 
@@ -564,9 +570,8 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
         write_table(out / shard_name("features", sh), feats, FEATURES_SCHEMA)
 
         e0, e1 = int(ex_bounds[sh]), int(ex_bounds[sh + 1])
-        offs = w.offsets[e0:e1 + 1]
-        base = int(offs[0]) if len(offs) else 0
-        rel = pa.array((offs - base).numpy().astype(np.int32))
+        o0, o1 = int(w.offsets[e0]), int(w.offsets[e1])
+        rel = pa.array((w.offsets[e0:e1 + 1] - o0).numpy().astype(np.int32))
         rows = ex_row[e0:e1]
         examples = pa.table({
             "feature_id": ex_feat[e0:e1].numpy().astype(np.int32),
@@ -577,13 +582,13 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
             "offset": (rows % L).numpy().astype(np.int32),
             "activation": ex_val[e0:e1].numpy(),
             "window_start": (w.start_row[e0:e1] % L).numpy().astype(np.int32),
-            "token_ids": pa.ListArray.from_arrays(rel, pa.array(win_tokens[base:int(offs[-1]) if len(offs) else 0].numpy())),
-            "acts": pa.ListArray.from_arrays(rel, pa.array(w.acts[base:int(offs[-1]) if len(offs) else 0].numpy())),
+            "token_ids": pa.ListArray.from_arrays(rel, pa.array(win_tokens[o0:o1].numpy())),
+            "acts": pa.ListArray.from_arrays(rel, pa.array(w.acts[o0:o1].numpy())),
         })
         write_table(out / shard_name("examples", sh), examples, EXAMPLES_SCHEMA)
 
-    write_table(out / "vocab.parquet", pa.table({"token_id": pa.array(range(len(vocab)), pa.int32()), "text": vocab}),
-                VOCAB_SCHEMA)
+    vocab_table = pa.table({"token_id": pa.array(range(len(vocab)), pa.int32()), "text": vocab})
+    write_table(out / "vocab.parquet", vocab_table, VOCAB_SCHEMA)
     return {
         "schema_version": SCHEMA_VERSION,
         "n_features": d_sae,

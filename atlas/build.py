@@ -80,6 +80,9 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
     skel_dir = site / "features" / pages.SKELETON
     skeleton = pages.Skeleton.from_html((skel_dir / "index.html").read_text(encoding="utf-8"))
     shutil.rmtree(skel_dir)
+    for name, text in skeleton.assets.items():          # the shared files the lean chrome refers to
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text(text, encoding="utf-8")
     facts = pages.SiteFacts(n_features=table.n, labels=_dense_labels(table), vocab=vocab,
                             has_logits=bool(manifest.get("has_logits", True)))
     n_shards = len(list(features_dir.glob("features-*.parquet")))
@@ -116,7 +119,7 @@ def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.F
     (docs / "notable.md").write_text(env.get_template("notable.md").render(mark=NOTABLE_MARK))
     skel = docs / "features" / pages.SKELETON
     skel.mkdir(parents=True)
-    (skel / "index.md").write_text(f"---\ntitle: '{pages.TITLE_MARK}'\nsearch:\n  exclude: true\n---\n\n{pages.CONTENT_MARK}\n")
+    (skel / "index.md").write_text(f"---\ntitle: '{pages.TITLE_MARK}'\nhide: [navigation, toc]\nsearch:\n  exclude: true\n---\n\n{pages.CONTENT_MARK}\n")
     if not (docs / "prompt.md").exists():
         (docs / "prompt.md").write_text("# Try a prompt\n\nThe in-browser prompt analyser is not part of this build.\n")
 

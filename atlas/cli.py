@@ -21,8 +21,12 @@ STAGES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atlas", description="Train SAEs and publish their features as a static atlas.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in [*STAGES, "all"]:
-        p = sub.add_parser(name, help=f"run the {name} stage" if name != "all" else "run every stage in order")
+    for name in [*STAGES, "all", "import-sae"]:
+        helps = {"all": "run every stage in order",
+                 "import-sae": "publish an SAE trained elsewhere (SAELens format), then analyze, export, build"}
+        p = sub.add_parser(name, help=helps.get(name, f"run the {name} stage"))
+        if name == "import-sae":
+            p.add_argument("path", help="folder with cfg.json + sae_weights.safetensors")
         p.add_argument("--config", required=True, help="run config, e.g. configs/gpt2-small.yaml")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (repeatable)")
@@ -35,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         distributed.init()
-        for name in (STAGES if args.command == "all" else [args.command]):
+        if args.command == "import-sae":
+            from atlas import import_sae
+
+            import_sae.run(cfg, args.path, force=args.force)
+        for name in {"all": list(STAGES), "import-sae": ["analyze", "export", "build"]}.get(args.command, [args.command]):
             importlib.import_module(STAGES[name]).run(cfg, force=args.force)
     except AtlasError as e:
         print(f"atlas {args.command}: error: {e}", file=sys.stderr)

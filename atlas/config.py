@@ -119,8 +119,10 @@ class AnalyzeConfig:
 @dataclass
 class ExportConfig:
     top_k: int = 32
-    quantization: str = "int8"
-    """Web file weights: "int8" (dynamic) or "int4" (blockwise MatMul weights)."""
+    quantization: str = "int8-emb4"
+    """Web file weights (atlas.export.QUANTIZATIONS): "int8-emb4" (int8 MatMuls, 4-bit token
+    embedding; the default: fast and GPT-2 Small fits 100 MB), "int8" (dynamic int8 everywhere)
+    or "int4" (4-bit blockwise MatMul weights: smallest, ~2x slower in the browser)."""
     opset: int = 17
     parity_texts: int = 16
     min_top1_agreement: float = 0.9
@@ -272,4 +274,5 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(cfg.analyze.context_right >= 0, "analyze.context_right", "must be >= 0")
     need(cfg.analyze.checkpoint_every >= 1, "analyze.checkpoint_every", "must be >= 1")
     need(cfg.export.top_k >= 1, "export.top_k", "must be >= 1")
-    need(cfg.export.quantization in ("int8", "int4"), "export.quantization", "must be int8 or int4")
+    need(cfg.export.quantization in ("int8-emb4", "int8", "int4"), "export.quantization",
+         "must be int8-emb4, int8 or int4")

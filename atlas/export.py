@@ -6,12 +6,21 @@
 
 - `encoder.onnx` — full precision, for checks (weights over 95 MB are split, see `_save`);
 - `encoder.web.onnx` — the file the browser runs with onnxruntime-web's wasm backend, weights
-  quantised (`export.quantization`: "int4" = 4-bit blockwise MatMulNBits for every MatMul plus
-  an int8 embedding table; "int8" = int8 dynamic quantisation of MatMul and Gather weights);
+  quantised (`export.quantization`, see `QUANTIZATIONS`): the default "int8-emb4" keeps every
+  MatMul on the fast int8 path and stores the token-embedding table in 4 bits (a
+  com.microsoft GatherBlockQuantized node dequantises only the prompt's rows, so it costs
+  nothing at run time); "int8" = int8 dynamic quantisation of MatMul and Gather weights;
+  "int4" = 4-bit blockwise MatMulNBits for every MatMul plus an int8 embedding table (smallest,
+  about 2x slower in the browser);
 - `tokenizer.json` — the model's own fast tokenizer;
-- `model.json` — what the browser needs to know (inputs, outputs, BOS, max length, files);
+- `model.json` — what the browser needs to know (inputs, outputs, BOS, max length); its "files"
+  are exactly the files the browser downloads (the site copies those and nothing else), their
+  sizes in "bytes" and the sum in "total_bytes";
 - `parity.json` — full-precision ORT and the web file against PyTorch on held-out text. The
   export fails when the web file's top-1 agreement is below `export.min_top1_agreement`.
+
+The web download should stay within `WEB_BUDGET_BYTES` (100 MB): a larger one is reported
+with a warning, not an error, since models legitimately differ in size.
 
 No file is over 95 MB (GitHub's limit is 100 MB): a larger initializer is cut into row blocks
 joined by a Concat node, and weights go to external-data files of at most 90 MB each.
@@ -36,6 +45,13 @@ MAX_FILE_BYTES = 90 * 2**20
 MIN_EXPORT_OPSET = 18
 """torch.onnx's dynamo exporter emits opset 18 ops (e.g. Split with num_outputs)."""
 INT4_BLOCK = 32
+EMBED_BLOCK = 64
+"""Block length (along d_model) of the 4-bit token-embedding table: one float32 scale and one
+4-bit zero point per 64 values (0.56 bits/value overhead; 32 would push GPT-2 Small's web file
+over 100 MB)."""
+QUANTIZATIONS = ("int8-emb4", "int8", "int4")
+WEB_BUDGET_BYTES = 100_000_000
+"""The web download a visitor should not exceed (GPT-2 Small to layer 8 + a 24,576-latent SAE fits)."""
 FALLBACK_TEXTS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.",
     "The quick brown fox jumps over the lazy dog.\nIt was a sunny day, and everyone was happy.",
@@ -133,14 +149,23 @@ def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[l
     }
     meta["bytes"] = {f: (out / f).stat().st_size for f in meta["files"]}
     meta["total_bytes"] = sum(meta["bytes"].values())
+    meta["budget_bytes"] = WEB_BUDGET_BYTES
     (out / "model.json").write_text(json.dumps(meta, indent=2))
 
     report = parity(out, graph, contexts, cfg.export.min_top1_agreement)
-    report["web_bytes"] = meta["total_bytes"]
+    report["quantization"] = cfg.export.quantization
+    report["total_bytes"] = report["web_bytes"] = meta["total_bytes"]
+    report["budget_bytes"] = WEB_BUDGET_BYTES
+    report["within_budget"] = meta["total_bytes"] <= WEB_BUDGET_BYTES
     (out / "parity.json").write_text(json.dumps(report, indent=2))
     print(f"export: parity full {report['full']['ids_match']:.4f} ids, rel err {report['full']['max_rel_err']:.2e}; "
           f"web top-1 {report['web']['top1_agreement']:.3f}, overlap {report['web']['topk_overlap']:.3f}; "
           f"web download {meta['total_bytes'] / 1e6:.1f} MB")
+    if not report["within_budget"]:
+        print(f"export: WARNING: the web download is {meta['total_bytes'] / 1e6:.1f} MB, over the "
+              f"{WEB_BUDGET_BYTES / 1e6:.0f} MB budget ({cfg.export.quantization}; "
+              f"{', '.join(f'{f} {b / 1e6:.1f} MB' for f, b in meta['bytes'].items())}). "
+              f"export.quantization = int4 makes it smaller at some speed cost")
     if not report["full"]["ok"]:
         raise AtlasError(f"{out}/parity.json: full-precision ONNX disagrees with PyTorch "
                          f"(ids match {report['full']['ids_match']:.4f}, max rel err {report['full']['max_rel_err']:.2e})")
@@ -204,12 +229,14 @@ def _gemm_to_matmul(model) -> None:
 
 
 def quantize(model, mode: str):
-    """The web file: "int4" (MatMulNBits 4-bit weights + int8 embedding) or "int8" (dynamic int8)."""
+    """The web file for `mode` (one of `QUANTIZATIONS`, see the module docstring)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if mode not in QUANTIZATIONS:
+        raise AtlasError(f"export.quantization = {mode!r}: must be one of {', '.join(QUANTIZATIONS)}")
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     import tempfile
@@ -224,10 +251,10 @@ def quantize(model, mode: str):
             q.process()
             model = q.model.model
             ops = ["Gather"]
-        elif mode == "int8":
-            ops = ["MatMul", "Gather"]
         else:
-            raise AtlasError(f"export.quantization = {mode!r}: must be int4 or int8")
+            ops = ["MatMul", "Gather"]
+            if mode == "int8-emb4":
+                _embedding_to_4bit(model, EMBED_BLOCK)  # before int8: its Gather is then no longer one
         onnx.save(model, src, save_as_external_data=model.ByteSize() > 1.8e9)
         root = logging.getLogger()
         level = root.level
@@ -238,6 +265,92 @@ def quantize(model, mode: str):
         finally:
             root.setLevel(level)
         return onnx.load(dst)
+
+
+def quantize_4bit_rows(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric 4-bit blockwise quantisation of a [rows, cols] table along its rows, packed the way
+    GatherBlockQuantized (uint8 data, MatMulNBits' convention) reads it: value = (q - zp) * scale.
+
+    Returns data uint8 [rows, cols/2] (element 2j in the low nibble), scales float32
+    [rows, ceil(cols/block)] and zero points uint8 [rows, ceil(n_blocks/2)] (packed the same way).
+    """
+    rows, cols = w.shape
+    n_blocks = -(-cols // block)
+    padded = np.zeros((rows, n_blocks * block), np.float32)
+    padded[:, :cols] = w
+    padded[:, cols:] = w[:, -1:] if cols % block else 0  # pad with a value already in the block's range
+    b = padded.reshape(rows, n_blocks, block)
+    lo, hi = np.minimum(b.min(axis=2), 0), np.maximum(b.max(axis=2), 0)  # 0 stays exact
+    scale = ((hi - lo) / 15).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zp = np.clip(np.round(-lo / scale), 0, 15).astype(np.uint8)
+    q = np.clip(np.round(b / scale[..., None]) + zp[..., None], 0, 15).astype(np.uint8).reshape(rows, -1)[:, :cols]
+    data = q[:, 0::2] | (q[:, 1::2] << 4)
+    zp_pad = np.zeros((rows, n_blocks + n_blocks % 2), np.uint8)
+    zp_pad[:, :n_blocks] = zp
+    zps = zp_pad[:, 0::2] | (zp_pad[:, 1::2] << 4)
+    return data, scale, zps
+
+
+def dequantize_4bit_rows(data: np.ndarray, scale: np.ndarray, zps: np.ndarray, block: int) -> np.ndarray:
+    """The inverse of `quantize_4bit_rows` (what GatherBlockQuantized computes per gathered row)."""
+    rows = data.shape[0]
+    q = np.stack([data & 15, data >> 4], axis=2).reshape(rows, -1).astype(np.float32)
+    zp = np.stack([zps & 15, zps >> 4], axis=2).reshape(rows, -1)[:, :scale.shape[1]].astype(np.float32)
+    blk = np.arange(q.shape[1]) // block
+    return (q - zp[:, blk]) * scale[:, blk]
+
+
+def _token_ids_derived(model, name: str) -> bool:
+    """Whether tensor `name` is the graph's first input passed through shape/dtype-only ops."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    first_input = model.graph.input[0].name
+    for _ in range(16):
+        if name == first_input:
+            return True
+        node = producers.get(name)
+        if node is None or node.op_type not in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"):
+            return False
+        name = node.input[0]
+    return False
+
+
+def _embedding_to_4bit(model, block: int) -> int:
+    """Replace each Gather of a token-embedding table (a 2-D initializer used by that Gather only,
+    indexed by the token ids) with com.microsoft GatherBlockQuantized over a 4-bit copy.
+    Returns the number replaced."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    replaced, nodes = 0, []
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if (table is None or len(table.dims) != 2 or table.dims[1] % 2 or axis != 0 or uses[table.name] != 1
+                or table.data_type != TensorProto.FLOAT or not _token_ids_derived(model, node.input[1])):
+            nodes.append(node)
+            continue
+        data, scale, zps = quantize_4bit_rows(numpy_helper.to_array(table), block)
+        base = table.name
+        model.graph.initializer.remove(table)
+        model.graph.initializer.extend([numpy_helper.from_array(data, base + "_q4"),
+                                        numpy_helper.from_array(scale, base + "_q4_scale"),
+                                        numpy_helper.from_array(zps, base + "_q4_zp")])
+        nodes.append(helper.make_node(
+            "GatherBlockQuantized", [base + "_q4", node.input[1], base + "_q4_scale", base + "_q4_zp"],
+            list(node.output), name=node.name + "_q4", domain="com.microsoft",
+            gather_axis=0, quantize_axis=1, block_size=block))
+        replaced += 1
+    if replaced:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return replaced
 
 
 # ---------------------------------------------------------------- saving

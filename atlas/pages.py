@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import json
 import math
 import os
 import re
@@ -32,7 +33,10 @@ SKELETON = "__atlas_skeleton__"
 TITLE_MARK = "@@ATLAS_TITLE@@"
 CONTENT_MARK = "@@ATLAS_CONTENT@@"
 LEVELS = 8                       # highlight intensity classes a1..a8
+# Interval samples (kind != "top") are shown trimmed, and only the first few of each interval: with
+# 20 full top windows they would otherwise more than double the page (see tests/bench/bench_build.py).
 INTERVAL_WINDOW = (8, 4)         # tokens shown left and right of the marked one in interval samples
+INTERVAL_SAMPLES = 1             # samples shown per interval (by rank)
 
 
 def jinja_env() -> Environment:
@@ -64,14 +68,16 @@ def display_token(text: str) -> str:
 
 @dataclass
 class Skeleton:
-    """The theme's built page split around the placeholders."""
+    """The theme's built page split around the placeholders, with its chrome made lean (see `lean_chrome`)."""
 
-    parts: list[str]             # head, [title, ...], content-split
+    parts: list[str]             # head, tail
+    assets: dict[str, str]       # site path -> text of the shared files the lean chrome refers to
 
     @classmethod
     def from_html(cls, text: str) -> "Skeleton":
         text = text.replace(SKELETON, "{id}")
-        text = with_csp(_squeeze(text))
+        text, assets = lean_chrome(_squeeze(text))
+        text = with_csp(text)
         # MkDocs wraps the placeholder in a paragraph; drop the paragraph with it
         for wrapped in (f"<p>{CONTENT_MARK}</p>", CONTENT_MARK):
             if wrapped in text:
@@ -79,7 +85,7 @@ class Skeleton:
                 break
         else:
             raise ValueError("skeleton page lost its content placeholder")
-        return cls([head, tail])
+        return cls([head, tail], assets)
 
     def page(self, feature_id: int, title: str, content: str) -> str:
         head, tail = self.parts
@@ -87,6 +93,78 @@ class Skeleton:
         head = head.replace(TITLE_MARK, esc).replace("{id}", str(feature_id))
         tail = tail.replace(TITLE_MARK, esc).replace("{id}", str(feature_id))
         return head + content + tail
+
+
+# The theme's chrome is ~11 KB of every feature page; 24,576 copies of it were most of the site.
+# lean_chrome() keeps the theme's markup and classes (so the look and the theme's JavaScript are
+# unchanged) but (1) drops the sidebars the skeleton's front matter hides (`hide: [navigation, toc]`)
+# and the drawer button that would open the emptied drawer, and the header's search box (MkDocs'
+# search covers the hand-written pages only; feature pages link to the feature search instead), (2) turns each inline SVG icon into an
+# empty <svg class=atlas-icN> painted by a CSS mask (a data: URL, so it works from file:// too),
+# (3) moves the theme's inline scripts into one shared file each (same order, still synchronous).
+ICON_CSS = "assets/stylesheets/atlas-icons.css"
+_SVG = re.compile(r'<svg xmlns="http://www.w3.org/2000/svg" viewBox="([^"]+)">(.*?)</svg>', re.S)
+
+
+def _drop_element(text: str, start_pattern: str, tag: str = "div") -> str:
+    """Remove every element whose start tag matches `start_pattern`, with its (nested) content."""
+    while (m := re.search(start_pattern, text)) is not None:
+        depth, pos = 0, m.start()
+        for t in re.finditer(rf"<(/?){tag}\b[^>]*>", text[m.start():]):
+            depth += -1 if t.group(1) else 1
+            if depth == 0:
+                pos = m.start() + t.end()
+                break
+        else:
+            return text
+        text = text[:m.start()] + text[pos:]
+    return text
+
+
+def lean_chrome(text: str) -> tuple[str, dict[str, str]]:
+    """The skeleton with less repeated markup, and the shared files it now refers to (see above)."""
+    assets: dict[str, str] = {}
+    text = _drop_element(text, r'<div class="md-sidebar md-sidebar--\w+"[^>]*\shidden>')
+    if 'data-md-type="navigation"' not in text:
+        text = _drop_element(text, r'<label class="md-header__button md-icon" for="__drawer">', "label")
+    text = _drop_element(text, r'<label class="md-header__button md-icon" for="__search">', "label")
+    text = _drop_element(text, r'<div class="md-search" data-md-component="search"')
+    text = re.sub(r'<meta name="generator"[^>]*>', "", text)
+    text = re.sub(r'(<script id="__config" type="application/json">)(.*?)(</script>)',
+                  lambda m: m.group(1) + json.dumps(json.loads(m.group(2)), separators=(",", ":")) + m.group(3), text,
+                  flags=re.S)
+
+    icons: dict[tuple[str, str], int] = {}
+
+    def icon(m: re.Match) -> str:
+        n = icons.setdefault((m.group(1), m.group(2)), len(icons))
+        return f'<svg viewBox="{m.group(1)}" class="atlas-ic{n}"></svg>'
+
+    text = _SVG.sub(icon, text)
+    if icons:
+        rules = []
+        for (box, body), n in icons.items():
+            svg = f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='{box}'>{body.replace(chr(34), chr(39))}</svg>"
+            url = "url(\"data:image/svg+xml," + re.sub(r"[<>#%\"\n]", lambda c: f"%{ord(c.group()):02X}", svg) + "\")"
+            rules.append(f".atlas-ic{n}{{-webkit-mask-image:{url};mask-image:{url}}}")
+        assets[ICON_CSS] = ("/* The theme's icons on feature pages (atlas/pages.py lean_chrome) */\n"
+                            "svg[class^=atlas-ic]{background-color:currentcolor;-webkit-mask-repeat:no-repeat;"
+                            "mask-repeat:no-repeat;-webkit-mask-position:center;mask-position:center;"
+                            "-webkit-mask-size:contain;mask-size:contain}\n" + "\n".join(rules) + "\n")
+        link = f'<link rel="stylesheet" href="../../{ICON_CSS}">'
+        text = text.replace("</head>", link + "\n</head>", 1)
+
+    def script(m: re.Match) -> str:
+        attrs, body = m.group(1) or "", m.group(2)
+        if "src=" in attrs or "type=" in attrs or len(body) < 40:
+            return m.group(0)
+        name = f"assets/javascripts/atlas-{hashlib.sha256(body.encode()).hexdigest()[:10]}.js"
+        assets[name] = body + "\n"
+        return f'<script src="../../{name}"></script>'
+
+    text = _INLINE_SCRIPT.sub(script, text)
+    text = re.sub(r">\n<(?!/?(a|span|code|em|strong|b|i)\b)", "><", text)
+    return text, assets
 
 
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'{hashes}; style-src 'self' 'unsafe-inline'; "
@@ -129,11 +207,22 @@ class SiteFacts:
 # ---------------------------------------------------------------- view models
 
 
+def fmt_value(a: float) -> str:
+    """An activation as few characters as reads well: .53, 3.4, 12, 140 (never needs attribute quotes)."""
+    if a >= 99.5:
+        return f"{a:.0f}"
+    s = f"{a:.2g}"
+    return s[1:] if s.startswith("0.") else s
+
+
 def token_markup(vocab_html: list[str], token_ids, acts, max_act: float, mark: int,
                  window: tuple[int, int] | None = None) -> Markup:
-    """A token window as HTML: active tokens become <i class=aN> with the value on hover/focus (title, tabindex).
+    """A token window as HTML: zero tokens as plain text, active ones as <i class=aN data-v=VALUE>.
 
-    Attributes are unquoted (their values never need quotes) to keep 24,576 pages small.
+    The class picks the highlight colour (LEVELS steps of max_act), CSS shows data-v on hover and
+    focus, and site_src/js/feature.js makes the active tokens focusable (tabindex) for the keyboard;
+    the marked (peak) token also gets class pk. Attributes are unquoted (their values never need
+    quotes) to keep 24,576 pages small.
     """
     if window is not None:
         lo, hi = max(0, mark - window[0]), mark + window[1] + 1
@@ -145,23 +234,23 @@ def token_markup(vocab_html: list[str], token_ids, acts, max_act: float, mark: i
         text = vocab_html[t] if 0 <= t < n else "\ufffd"
         if a > 0:
             lvl = min(LEVELS, int(a * scale) + 1)
-            cls = f'"a{lvl} pk"' if i == mark else f"a{lvl}"
-            out.append(f"<i class={cls} title={a:.2g} tabindex=0>{text}</i>")
+            out.append(f'<i class="a{lvl} pk" data-v={fmt_value(a)}>{text}</i>' if i == mark
+                       else f"<i class=a{lvl} data-v={fmt_value(a)}>{text}</i>")
         else:
             out.append(text)
     return Markup("".join(out))
 
 
 def histogram(edges: list[float], counts: list[int], width=560, height=120) -> dict | None:
-    """Bars of the activation histogram (log-spaced edges drawn at equal widths) for an SVG."""
+    """Bars of the activation histogram (log-spaced edges drawn at equal widths) for an SVG: one stroke per bar."""
     if not counts or not any(counts):
         return None
     top = max(counts)
-    bw = width / len(counts)
-    path = "".join(f"M{i * bw:.0f} {height}v-{height * math.log1p(c) / math.log1p(top):.0f}h{bw - 1:.0f}V{height}z"
+    bw = max(3, round(width / len(counts)) | 1)          # odd, so bar centres fall on whole units
+    path = "".join(f"M{i * bw + bw // 2} {height}V{height - height * math.log1p(c) / math.log1p(top):.0f}"
                    for i, c in enumerate(counts) if c > 0)
-    return {"path": path, "width": width, "height": height, "lo": fmt_num(edges[0]), "hi": fmt_num(edges[-1]),
-            "top": f"{top:,}"}
+    return {"path": path, "width": bw * len(counts), "height": height, "bar": bw - 1, "lo": fmt_num(edges[0]),
+            "hi": fmt_num(edges[-1]), "top": f"{top:,}"}
 
 
 def feature_view(row: dict, examples: list[dict], facts: SiteFacts, vocab_html: list[str]) -> dict:
@@ -175,12 +264,9 @@ def feature_view(row: dict, examples: list[dict], facts: SiteFacts, vocab_html: 
                                      trim)}
 
     top = [window(e) for e in sorted((e for e in examples if e["kind"] == "top"), key=lambda e: e["rank"])]
-    by_interval: dict[int, list] = {}
-    for e in sorted((e for e in examples if e["kind"] != "top"), key=lambda e: (e["interval"], e["rank"])):
-        by_interval.setdefault(e["interval"], []).append(window(e, INTERVAL_WINDOW))
-    edges = row["interval_edges"] or []
-    intervals = [{"lo": fmt_num(edges[i]) if i < len(edges) else "", "hi": fmt_num(edges[i + 1]) if i + 1 < len(edges) else "",
-                  "examples": exs} for i, exs in sorted(by_interval.items(), reverse=True)]
+    samples = sorted((e for e in examples if e["kind"] != "top" and e["rank"] < INTERVAL_SAMPLES),
+                     key=lambda e: (-e["activation"], e["interval"], e["rank"]))
+    intervals = [window(e, INTERVAL_WINDOW) for e in samples]
 
     def logits(ids, values):
         return [{"text": display_token(facts.vocab[t]) if 0 <= t < len(facts.vocab) else "?", "value": f"{v:+.3f}"}
@@ -238,7 +324,13 @@ def render_shard(features_path: str) -> dict:
     fpath = Path(features_path)
     rows = shards.read_table(fpath, shards.FEATURES_SCHEMA).to_pylist()
     epath = fpath.with_name(fpath.name.replace("features-", "examples-", 1))
-    examples = shards.read_table(epath, shards.EXAMPLES_SCHEMA).to_pylist() if epath.exists() else []
+    examples = []
+    if epath.exists():
+        import pyarrow.compute as pc
+
+        ex = shards.read_table(epath, shards.EXAMPLES_SCHEMA)
+        # only the examples a page shows: every top one, the first INTERVAL_SAMPLES of each interval
+        examples = ex.filter(pc.or_(pc.equal(ex["kind"], "top"), pc.less(ex["rank"], INTERVAL_SAMPLES))).to_pylist()
     by_feature: dict[int, list] = {}
     for e in examples:
         by_feature.setdefault(e["feature_id"], []).append(e)

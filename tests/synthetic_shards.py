@@ -1,7 +1,15 @@
 """A synthetic `features/` folder (plus `sae/metrics.jsonl`) written through `atlas.shards`.
 
 For the build's tests and benchmark: any number of features, shaped like `atlas analyze`
-output, with hostile token texts and labels mixed in so escaping is exercised everywhere.
+output for the GPT-2 Small config (analyze defaults: 20 top examples + 10 intervals x 5, windows
+of context_left 24 + the marked token + context_right 8 = 33 tokens), with hostile token texts and
+labels mixed in so escaping is exercised everywhere.
+
+Sized to be realistic but pessimistic for page weight: tokens average ~4.2 characters (GPT-2 on
+TinyStories is ~4), and besides the marked token 15% of a window's tokens are active (~18% in
+all; a TopK SAE's feature is zero on most tokens around its peak). The marked token is " Once" in
+40% of examples (the token search test looks for it), a hostile text in 10% and a random token
+otherwise.
 
     python tests/synthetic_shards.py runs/synth 24576     # then build with a config named synth
 """
@@ -30,7 +38,7 @@ def vocab(n_vocab: int) -> list[str]:
     i = 0
     while len(texts) < n_vocab:
         w = WORDS[(i * 7) % len(WORDS)]
-        texts.append((" " if i % 2 else "") + w[: 2 + i % 4] + ("s" if i % 3 == 0 else ""))  # GPT-2-like: ~4 chars
+        texts.append((" " if i % 2 else "") + w[: 3 + i % 5] + ("s" if i % 3 == 0 else ""))  # GPT-2-like: ~4.3 chars
         i += 1
     return texts[:n_vocab]
 
@@ -41,7 +49,7 @@ def _list_array(values: np.ndarray, width: int, typ) -> pa.ListArray:
 
 
 def write(run_dir: Path, n_features: int, *, shard_size: int = 512, n_top: int = 20, n_intervals: int = 10,
-          per_interval: int = 5, window: int = 32, bins: int = 50, n_vocab: int = 5000, has_logits: bool = True,
+          per_interval: int = 5, context_left: int = 24, context_right: int = 8, bins: int = 50, n_vocab: int = 5000, has_logits: bool = True,
           seed: int = 0) -> Path:
     """Write run_dir/features/ (stamped) and run_dir/sae/metrics.jsonl; returns the features dir."""
     rng = np.random.default_rng(seed)
@@ -53,6 +61,7 @@ def write(run_dir: Path, n_features: int, *, shard_size: int = 512, n_top: int =
     n_shards = (n_features + shard_size - 1) // shard_size
     n_ex = n_top + n_intervals * per_interval
     n_tokens = 1_000_000
+    window, mark = context_left + 1 + context_right, context_left
     for s in range(n_shards):
         ids = np.arange(s * shard_size, min(n_features, (s + 1) * shard_size), dtype=np.int32)
         n = len(ids)
@@ -93,18 +102,20 @@ def write(run_dir: Path, n_features: int, *, shard_size: int = 512, n_top: int =
         interval = np.where(per < n_top, -1, (per - n_top) // per_interval).astype(np.int16)
         rank = np.where(per < n_top, per, (per - n_top) % per_interval).astype(np.int16)
         tokens = rng.integers(0, n_vocab, (m, window), dtype=np.int32)
-        hot = np.array([0, 4, 5])  # " Once", "<script>…", "\"><img …"
-        tokens[:, 24] = rng.choice(hot, m) if n_vocab > 40 else tokens[:, 24]
-        acts = np.where(rng.uniform(0, 1, (m, window)) < 0.15, rng.uniform(0, 1, (m, window)), 0)
-        peak = np.repeat(max_act[~dead], n_ex) * np.tile(np.where(per < n_top, 1 - per / (2 * n_top), 0.3), len(live))
-        acts[:, 24] = peak
-        acts = (acts * peak[:, None]).astype(np.float32)
-        acts[:, 24] = peak
+        if n_vocab > 40:                    # " Once" 40%, "<script>…" 5%, "\"><img …" 5%, else random
+            u = rng.uniform(0, 1, m)
+            tokens[:, mark] = np.where(u < 0.4, 0, np.where(u < 0.45, 4, np.where(u < 0.5, 5, tokens[:, mark])))
+        top_peak = 1 - per / (2 * n_top)                              # top examples: from max_act down
+        iv_peak = (np.clip(interval, 0, None) + 0.5) / n_intervals    # intervals: the middle of theirs
+        peak = np.repeat(max_act[~dead], n_ex) * np.tile(np.where(per < n_top, top_peak, iv_peak), len(live))
+        acts = np.where(rng.uniform(0, 1, (m, window)) < 0.15, rng.uniform(0, 1, (m, window)), 0) * peak[:, None]
+        acts = acts.astype(np.float32)
+        acts[:, mark] = peak
         ex = pa.table({
             "feature_id": fid, "kind": np.tile(kind, len(live)), "interval": np.tile(interval, len(live)),
             "rank": np.tile(rank, len(live)), "context": rng.integers(0, 10000, m, dtype=np.int32),
             "offset": np.full(m, 100, np.int32), "activation": peak.astype(np.float32),
-            "window_start": np.full(m, 76, np.int32),
+            "window_start": np.full(m, 100 - mark, np.int32),
             "token_ids": _list_array(tokens, window, pa.int32()), "acts": _list_array(acts, window, pa.float32()),
         })
         shards.write_table(out / shards.shard_name("examples", s), ex, shards.EXAMPLES_SCHEMA)

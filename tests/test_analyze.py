@@ -38,7 +38,8 @@ def write_sae(sae_dir: Path, d_in: int, d_sae: int, k: int, seed: int = 0, archi
     W_dec = torch.randn(d_sae, d_in, generator=g)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     W_dec[:4] = W_dec[4:8] + 0.05 * W_dec[:4]  # some near-duplicates, so neighbours are non-trivial
-    tensors = {"W_enc": W_dec.T.contiguous() * 2, "b_enc": torch.zeros(d_sae), "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
+    tensors = {"W_enc": W_dec.T.contiguous() * 2, "b_enc": torch.zeros(d_sae), "W_dec": W_dec,
+               "b_dec": torch.zeros(d_in)}
     tensors["b_enc"][-3:] = -1e4  # three features that never fire (dead)
     sae_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, sae_dir / "sae_weights.safetensors")
@@ -169,6 +170,7 @@ def test_interval_samples_lie_in_their_intervals(analyzed):
             sample = got[got.interval == i]
             assert len(sample) == min(per, len(members))  # full reservoirs, no more than the members
             assert list(sample["rank"]) == list(range(len(sample)))
+            assert (np.diff(sample.activation.to_numpy()) <= 0).all()  # shown strongest first
             rows = (sample.context * L + sample.offset).to_numpy()
             assert len(set(rows)) == len(rows) and set(rows) <= set(members)
             np.testing.assert_array_equal(sample.activation, col[rows])
@@ -428,3 +430,18 @@ def test_bad_sae_shape_is_a_clear_error(tiny_run, monkeypatch, tmp_path):
     monkeypatch.chdir(work)
     with pytest.raises(AtlasError, match="d_in 32 does not match the store's d_model 64"):
         analyze.run(load_config("tiny.yaml"))
+
+
+def test_reservoir_by_random_keys_is_uniform():
+    """Streaming 20 members per group in 4 batches, keep 5 by largest random key: every member is
+    kept with probability 1/4 (checked over 4,000 independent groups)."""
+    G, m, n, per_batch = 4000, 5, 20, 5
+    key = torch.full((G, m), float("-inf"))
+    pos = torch.full((G, m), -1, dtype=torch.int64)
+    for b in range(n // per_batch):
+        group = torch.arange(G).repeat_interleave(per_batch)
+        member = torch.arange(b * per_batch, (b + 1) * per_batch).repeat(G)
+        analyze.merge_topk(key, group, torch.rand(len(group), generator=analyze._rng(0, b)), [pos], [member])
+    freq = torch.bincount(pos.flatten(), minlength=n).double() / G
+    assert (pos >= 0).all()
+    assert ((freq - m / n).abs() < 0.03).all(), freq  # 0.03 is > 4 standard errors

@@ -129,11 +129,12 @@ def test_csp_on_every_page(built_site):
 
 def test_feature_page_content(built_site):
     page = (built_site / "features" / "0" / "index.html").read_text(encoding="utf-8")
-    assert 'class="atlas-try" data-feature-id="0" data-root="../.."' in page
-    assert '<script type="module" src="../../js/analyser/try.js"></script>' in page
+    assert "class=atlas-try data-feature-id=0 data-root=../.." in page
+    assert "<script type=module src=../../js/analyser/try.js></script>" in page
+    assert "<script src=../../js/feature.js defer></script>" in page        # makes active tokens focusable
     assert "<svg" in page and "Logit effects" in page and "<details" in page
-    assert "tabindex=0" in page and re.search(r'<i class="?a\d[^>]*title=[\d.e+-]+ ', page)
-    assert 'href="../1/index.html"' in page
+    assert re.search(r'<i class="?a\d( pk")? data-v=[\d.e+-]+>', page)  # active token: colour class + value
+    assert "href=../1/index.html" in page
     dead = (built_site / "features" / "5" / "index.html").read_text(encoding="utf-8")
     assert "atlas-badge dead" in dead
     # feature pages stay out of MkDocs' search index and nav
@@ -141,6 +142,21 @@ def test_feature_page_content(built_site):
     assert not [d for d in index["docs"] if d["location"].startswith("features/")]
     home = (built_site / "index.html").read_text(encoding="utf-8")
     assert "features/0/" not in home
+
+
+def test_feature_pages_have_lean_chrome(built_site):
+    """The theme's chrome is stamped into every feature page, so it is kept small (pages.lean_chrome)."""
+    page = (built_site / "features" / "7" / "index.html").read_text(encoding="utf-8")
+    assert 'class="md-header' in page and "md-content__inner md-typeset" in page    # the theme's look
+    assert "<path" not in page.split("<h1", 1)[0]          # icons are CSS masks, not inline SVG paths
+    assert 'data-md-type="navigation"' not in page and 'class="md-search"' not in page
+    assert not re.search(r"<script>", page)                # the theme's inline scripts are shared files
+    icons = (built_site / "assets" / "stylesheets" / "atlas-icons.css").read_text(encoding="utf-8")
+    used = set(re.findall(r'class="(atlas-ic\d+)"', page))
+    assert used and all(f".{c}{{" in icons for c in used)
+    # hand-written pages keep the full chrome (nav, search)
+    home = (built_site / "index.html").read_text(encoding="utf-8")
+    assert 'data-md-type="navigation"' in home and 'class="md-search"' in home
 
 
 def test_logits_omitted_without_unembedding(tmp_path, monkeypatch):
@@ -167,6 +183,9 @@ def test_sizes_and_skip(built_site, capsys, monkeypatch):
     pages = list((built_site / "features").glob("*/index.html"))
     sizes = sorted(len(gzip.compress(p.read_bytes())) for p in pages)
     assert sizes[len(sizes) // 2] <= 15_000
+    # 24,576 pages of the GPT-2 Small shapes (synthetic_shards) must fit a 400 MB site: ~16 KB each at most
+    raw = sorted(p.stat().st_size for p in pages)
+    assert raw[len(raw) // 2] <= 16_000
     monkeypatch.chdir(built_site.parent.parent.parent)
     before = read_stamp(built_site)["created"]
     build.run(RunConfig(path="synth.yaml"))

@@ -42,7 +42,7 @@ def make_sae(d_in: int, d_sae: int = D_SAE) -> nn.Module:
     return StandInSAE(d_in, d_sae).eval().requires_grad_(False)
 
 
-def export_tiny(world: Path, out: Path, quantization: str = "int8", min_top1: float = 0.9) -> Path:
+def export_tiny(world: Path, out: Path, quantization: str = "int8-emb4", min_top1: float = 0.9) -> Path:
     """Export the tiny world's model (layer 2) plus a stand-in SAE into `out`; returns `out`."""
     cfg = RunConfig()
     cfg.model.name, cfg.model.layer = str(world / "model"), LAYER
@@ -106,14 +106,63 @@ def test_web_file_is_close_to_torch(exported, loaded):
     assert r["topk_overlap"] > 0.8
 
 
-def test_int4_and_int8_both_export(tiny_world, tmp_path, exported):
-    out = export_tiny(tiny_world, tmp_path / "int4", "int4", min_top1=0.0)
+def test_default_web_file_is_int8_with_a_4bit_embedding(exported):
+    """The default: every constant-weight MatMul int8, the token table 4-bit, nothing else 4-bit."""
     import onnx
 
+    assert RunConfig().export.quantization == "int8-emb4"
+    model = onnx.load(exported / "encoder.web.onnx")
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and "MatMulNBits" not in ops and "MatMulInteger" in ops
+    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    data = next(t for t in model.graph.initializer if t.name == node.input[0])
+    assert node.domain == "com.microsoft" and data.data_type == onnx.TensorProto.UINT8
+    assert list(data.dims) == [256, 32]  # the tiny world's 256 x 64 table, two values a byte
+
+
+@pytest.mark.parametrize("mode, op", [("int4", "MatMulNBits"), ("int8", "MatMulInteger")])
+def test_other_modes_export_and_the_budget_warns(tiny_world, tmp_path, exported, monkeypatch, capsys, mode, op):
+    import onnx
+
+    monkeypatch.setattr(export, "WEB_BUDGET_BYTES", 100_000)  # the tiny model's files are larger
+    out = export_tiny(tiny_world, tmp_path / mode, mode, min_top1=0.0)
     ops = {n.op_type for n in onnx.load(out / "encoder.web.onnx").graph.node}
-    assert "MatMulNBits" in ops
-    ops8 = {n.op_type for n in onnx.load(exported / "encoder.web.onnx").graph.node}
-    assert "MatMulInteger" in ops8  # attention score MatMuls (no constant weight) stay float
+    assert op in ops and "GatherBlockQuantized" not in ops
+    report, meta = (json.loads((out / f).read_text()) for f in ("parity.json", "model.json"))
+    assert report["total_bytes"] == meta["total_bytes"] > 100_000 and report["within_budget"] is False
+    assert f"web download is {meta['total_bytes'] / 1e6:.1f} MB, over the 0 MB budget" in capsys.readouterr().out
+    default = json.loads((exported / "parity.json").read_text())
+    assert default["within_budget"] is True and default["quantization"] == "int8-emb4"
+
+
+def test_model_json_lists_only_what_the_browser_loads(exported):
+    meta = json.loads((exported / "model.json").read_text())
+    assert meta["files"] == [meta["onnx"], *meta["external_data"], meta["tokenizer"]]
+    assert not {"encoder.onnx", "parity.json", "model.json", "stamp.json"} & set(meta["files"])
+
+
+@pytest.mark.parametrize("cols, block", [(64, 64), (768, 64), (100, 32), (48, 16)])
+def test_4bit_table_is_what_onnxruntime_gathers(cols, block):
+    """`quantize_4bit_rows` packs what GatherBlockQuantized reads; error within half a step per block."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(cols).normal(size=(300, cols)).astype(np.float32)
+    w[7] = 0.0
+    data, scale, zps = export.quantize_4bit_rows(w, block)
+    deq = export.dequantize_4bit_rows(data, scale, zps, block)
+    blk = np.arange(cols) // block
+    assert (np.abs(deq - w) <= scale[:, blk] / 2 + 1e-6).all() and (deq[7] == 0).all()
+    node = helper.make_node("GatherBlockQuantized", ["d", "i", "s", "z"], ["y"], domain="com.microsoft",
+                            gather_axis=0, quantize_axis=1, block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("i", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(a, n) for a, n in ((data, "d"), (scale, "s"), (zps, "z"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    idx = np.array([[0, 7, 299], [5, 5, 150]], np.int64)
+    (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"i": idx})
+    assert np.array_equal(y, deq[idx]) and onnx.checker.check_model(model) is None
 
 
 def test_low_agreement_fails_the_export(tiny_world, tmp_path):

@@ -71,7 +71,8 @@ def test_duckdb_reads_the_shards(features_dir):
     con = duckdb.connect()
     glob = str(features_dir / "features-*.parquet")
     assert con.execute(f"select count(*) from read_parquet('{glob}')").fetchone()[0] == 6
-    label, n = con.execute(f"select label, len(hist_counts) from read_parquet('{glob}') where feature_id = 4").fetchone()
+    query = f"select label, len(hist_counts) from read_parquet('{glob}') where feature_id = 4"
+    label, n = con.execute(query).fetchone()
     assert (label, n) == ("feature 4 <b>", 2)
 
 

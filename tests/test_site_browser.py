@@ -47,16 +47,61 @@ def _clean(page):
     assert not errors, errors
 
 
+AFTER = "(sel) => getComputedStyle(document.querySelector(sel), '::after').content"
+
+
 def test_home_and_feature_page(browser, site_url, shots):
     page = _visit(browser, site_url + "index.html", shots / "home.png")
     assert page.locator("h1").first.inner_text()
     _clean(page)
-    page = _visit(browser, site_url + "features/53/index.html", shots / "feature.png")
-    assert page.locator(".atlas-ctx i[title]").count() > 0
-    assert page.evaluate("() => !!window.__pwned") is False
-    assert page.locator("img[src=x]").count() == 0
+    for dark in (False, True):
+        page = _visit(browser, site_url + "features/53/index.html", shots / f"feature{'-dark' * dark}.png", dark=dark)
+        assert page.locator(".atlas-ex i[data-v]").count() > 0
+        assert page.evaluate("() => !!window.__pwned") is False
+        assert page.locator("img[src=x]").count() == 0
+        # the theme's icons are CSS masks on empty <svg>s: painted, at the theme's size
+        icon = page.locator(".md-header__button.md-logo svg")
+        assert "data:image/svg+xml" in icon.evaluate("e => getComputedStyle(e).webkitMaskImage || getComputedStyle(e).maskImage")
+        assert icon.bounding_box()["width"] > 10
+        scheme = page.evaluate("() => document.body.getAttribute('data-md-color-scheme')")
+        assert scheme == ("slate" if dark else "default")
+        _clean(page)
+    assert not browser.external_requests, browser.external_requests
+
+
+def test_token_value_on_hover_and_focus(browser, site_url):
+    """Active tokens show their value (data-v) on hover, and on keyboard focus (feature.js adds tabindex)."""
+    page = _visit(browser, site_url + "features/53/index.html")
+    sel = ".atlas-ex i[data-v]"
+    token = page.locator(sel).first
+    value = token.get_attribute("data-v")
+    assert page.evaluate(AFTER, sel) in ("none", "normal")
+    token.hover()
+    assert page.evaluate(AFTER, sel) == f'"{value}"'
+    page.mouse.move(0, 0)
+    assert token.evaluate("e => e.tabIndex") == 0
+    page.locator(".atlas-pager a").last.focus()            # from the pager, Tab walks into the example windows
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.matches('.atlas-ex i[data-v]')"):
+            break
+    focused = page.evaluate("() => [document.activeElement.getAttribute('data-v'), "
+                            "getComputedStyle(document.activeElement, '::after').content]")
+    assert focused[0] and focused[1] == f'"{focused[0]}"'
     _clean(page)
-    _visit(browser, site_url + "features/53/index.html", shots / "feature-dark.png", dark=True)
+
+
+def test_katex_renders_formulas(browser, site_url, shots):
+    """methodology.html: the TeX that arithmatex leaves is typeset by KaTeX, copied from node_modules."""
+    page = _visit(browser, site_url + "methodology.html")
+    page.wait_for_selector(".arithmatex .katex", timeout=10_000)
+    n_math, n_katex = page.evaluate("() => [document.querySelectorAll('.arithmatex').length, "
+                                    "document.querySelectorAll('.arithmatex .katex').length]")
+    assert n_math > 0 and n_katex == n_math
+    assert page.locator(".katex-error").count() == 0
+    assert page.locator(".katex-display").count() > 0       # display formulas too
+    page.screenshot(path=str(shots / "methodology.png"))
+    _clean(page)
     assert not browser.external_requests, browser.external_requests
 
 
@@ -104,9 +149,10 @@ def test_search_by_label_and_token(browser, site_url, shots):
     page.fill("#atlas-q", "Once")
     page.wait_for_function("document.getElementById('atlas-search-status').textContent.includes('fire on')")
     assert page.locator("#atlas-results li").count() > 0
-    ms = page.evaluate("""async () => { const t = performance.now();
-        await Atlas.tokenEntry(' Once'); return performance.now() - t; }""")
-    assert ms < 100
+    # functional only: its speed is measured by tests/bench/bench_build.py (timing targets live in `make bench`)
+    entry = page.evaluate("() => Atlas.tokenEntry(' Once')")
+    assert entry and entry[0] and len(entry[0]) == len(entry[1])
+    assert page.evaluate("() => Atlas.tokenEntry('no such token at all')") is None
     page.screenshot(path=str(shots / "search.png"))
     _clean(page)
     assert not browser.external_requests, browser.external_requests
@@ -120,4 +166,4 @@ def test_file_url_pages_work(browser, built_site):
     href = page.locator("#atlas-rows a").first.get_attribute("href")
     assert href.startswith("file://") and href.endswith("/index.html")
     page.goto(href)
-    assert page.locator(".atlas-ctx i[title]").count() > 0 or page.locator(".atlas-badge.dead").count() > 0
+    assert page.locator(".atlas-ex i[data-v]").count() > 0 or page.locator(".atlas-badge.dead").count() > 0

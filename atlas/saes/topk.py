@@ -17,8 +17,9 @@ from torch import Tensor
 from atlas.saes.base import ForwardOutput, SparseAutoencoder
 from atlas.saes.fused import sparse_decode, topk_encode
 
-DENSE_AUX_FACTOR = 4
-"""Up to this many times aux_k dead latents, AuxK runs as dense products over the dead ones."""
+DENSE_AUX_FACTOR = 32
+"""Up to this many times aux_k dead latents, AuxK runs as dense products over the dead ones:
+on a CPU that beats gathering aux_k decoder rows per token (memory-bound) until most latents are dead."""
 
 
 class TopKSAE(SparseAutoencoder):

@@ -1,6 +1,6 @@
 """Benchmark: `atlas analyze` streaming throughput versus the SAE encoder matmul alone.
 
-    python tests/bench/bench_analyze.py [n_tokens]      # default 262,144 tokens (32 batches)
+    python tests/bench/bench_analyze.py [n_tokens] [--umap]   # default 262,144 tokens (32 batches)
 
 A TopK SAE (d_in 768, d_sae 24,576, k 32) with random weights, on random activations held in
 memory (so disk speed is not measured). Both sides see the same batches on the same machine in
@@ -9,8 +9,8 @@ analysis and averaged (both are kept in the JSON); analysis is the three streami
 passes of atlas.analyze (encode + statistics + top-k + spill, histograms + interval reservoirs,
 example windows). The per-feature work after streaming (logit effects against a 50,257-token
 W_U, decoder neighbours, the PCA map, writing shards) does not grow with the tokens and is
-timed separately. Peak memory is the process' max RSS. Prints a Markdown row and writes
-runs/bench/analyze.json.
+timed separately; with --umap so is the UMAP map of the 24,576 decoder rows. Peak memory is
+the process' max RSS. Prints a Markdown row and writes runs/bench/analyze.json.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class MemoryStore:
             yield s, self.acts[s:min(s + batch_tokens, rows.stop)]
 
 
-def main(n_tokens: int = 262144) -> dict:
+def main(n_tokens: int = 262144, with_umap: bool = False) -> dict:
     torch.manual_seed(0)
     n_tokens -= n_tokens % CTX
     sae = build_sae(SAEConfig(architecture="topk", d_sae=D_SAE, k=K), D_IN).eval().requires_grad_(False)
@@ -81,6 +81,13 @@ def main(n_tokens: int = 262144) -> dict:
         t_post = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in out.iterdir())
 
+    t_umap = None
+    if with_umap:  # the default map of a real run; timed apart, it does not depend on the tokens
+        from atlas.featuremap import map_coordinates
+
+        t0 = time.perf_counter()
+        map_coordinates(sae.W_dec.detach(), "umap", 0)
+        t_umap = time.perf_counter() - t0
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "n_tokens": n_tokens, "d_in": D_IN, "d_sae": D_SAE, "k": K, "batch_tokens": a.batch_tokens,
@@ -90,7 +97,7 @@ def main(n_tokens: int = 262144) -> dict:
         "matmul_before_s": t_before, "matmul_after_s": t_after,
         "pass_s": {k: round(v, 2) for k, v in res.seconds.items()},
         "per_feature_s": t_post, "per_feature_postprocess_s": manifest["postprocess_seconds"],
-        "peak_rss_gb": peak_gb, "features_mb": size / 2**20, "n_examples": manifest["n_examples"],
+        "umap_s": t_umap, "peak_rss_gb": peak_gb, "features_mb": size / 2**20, "n_examples": manifest["n_examples"],
     }
     print("| d_sae | tokens | encoder matmul tok/s | analyze tok/s | ratio | per-feature stage s | peak RSS GB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -102,4 +109,5 @@ def main(n_tokens: int = 262144) -> dict:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 262144)
+    args = [a for a in sys.argv[1:] if a != "--umap"]
+    main(int(args[0]) if args else 262144, "--umap" in sys.argv)
