@@ -51,7 +51,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         upstream.append(upstream_fingerprint(onnx_dir, "export"))
     fp = fingerprint(cfg.section_hash("build"), *upstream, _source_hash())
     if not force and is_current(out, fp):
-        print(f"build: {out} is current (use --force to rebuild)", file=sys.stderr)
+        print(f"build: {out} is up to date")
         return out
     manifest = shards.read_manifest(features_dir)
     with atomic_dir(out, fp, features=str(features_dir)) as tmp:

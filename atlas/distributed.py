@@ -25,3 +25,40 @@ def rank_and_world() -> tuple[int, int]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def is_main() -> bool:
+    """Rank 0 (or no torchrun): the process that writes shared outputs."""
+    return rank_and_world()[0] == 0
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (pickled; for small or one-off things like a checkpoint)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order ([obj] without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place (identical result on every rank); returns `t`."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite `t` with rank `src`'s values, in place; returns `t`."""
+    if dist.is_initialized():
+        dist.broadcast(t, src=src)
+    return t

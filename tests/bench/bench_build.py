@@ -121,6 +121,7 @@ def main(n: int = 24576, subset: int = 1024) -> dict:
         "mkdocs_page_gz_median_kb": round(statistics.median(mk_gz) / 1024, 1),
         "feature_pages_mb": round(sum(raw) / 2**20, 1), "site_mb": round(total / 2**20, 1), "site_files": len(files),
         "largest_file_mb": round(largest.stat().st_size / 2**20, 2), "largest_file": str(largest.relative_to(site)),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 1),
         "search_cold_ms": round(search[0], 1) if search else None, "search_warm_ms": round(search[1], 2) if search else None,
     }
     cores = f"{d['cpus']} cores"
@@ -151,7 +152,8 @@ def main(n: int = 24576, subset: int = 1024) -> dict:
                   f"the top windows in full and {pages.INTERVAL_SAMPLES} sample per interval trimmed to "
                   f"{sum(pages.INTERVAL_WINDOW) + 1} tokens ({pages.INTERVAL_WINDOW[0]} left, {pages.INTERVAL_WINDOW[1]} "
                   f"right). Token search: Atlas.tokenEntry(' Once') on search.html, first call (loads the shard) and "
-                  f"median of 5 warm calls."),
+                  f"median of 5 warm calls. Load average at the end: {d['load_average_1m_at_end']} on {d['cpus']} "
+                  f"CPUs (timings are only comparable on a quiet machine)."),
         "details": d,
     }
     (ROOT / "runs" / "bench").mkdir(parents=True, exist_ok=True)
