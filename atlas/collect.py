@@ -122,5 +122,5 @@ def _collect_part(model, path: Path, part: int, chunk: list[np.ndarray], batch_s
                              f"check model.dtype (float16 can overflow) and the model weights")
         acts.append(h.reshape(-1, h.shape[-1]).to("cpu", getattr(torch, dtype)).numpy())
         bar.update(ids.numel())
-        bar.set_postfix_str(f"{ids.numel() / (time.perf_counter() - t0):,.0f} tok/s fwd")
+        bar.set_postfix_str(f"{ids.numel() / (time.perf_counter() - t0):,.0f} tok/s fwd", refresh=False)
     write_part(path, part, tokens, np.concatenate(acts), dtype)

@@ -221,6 +221,8 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
     if tc.batch_size % world:
         raise AtlasError(f"train.batch_size = {tc.batch_size} is the global batch, split evenly across the "
                          f"{world} processes: make it a multiple of {world}")
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK), even for "cuda:0"
     torch.manual_seed(tc.seed)
     d_in = data.d_in
     sae = build_sae(sae_cfg, d_in, seed=tc.seed, metadata=metadata).to(device)

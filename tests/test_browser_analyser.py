@@ -87,6 +87,12 @@ def analyse(page, text: str, timeout: float = 60_000):
 
 
 def test_prompt_page_matches_python(browser, site, url):
+    """The default web file (int8 MatMuls, 4-bit GatherBlockQuantized embedding) in onnxruntime-web's
+    wasm build gives what Python onnxruntime gives on the same file."""
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(site / "onnx/encoder.web.onnx", load_external_data=False).graph.node}
+    assert {"GatherBlockQuantized", "MatMulInteger"} <= ops
     page = browser.new_page()
     page.goto(url + "prompt.html")
     text = "Once upon a time, there was a little dog named Max. Max liked to play in the park."

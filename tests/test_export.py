@@ -106,7 +106,7 @@ def test_web_file_is_close_to_torch(exported, loaded):
     assert r["topk_overlap"] > 0.8
 
 
-def test_default_web_file_is_int8_with_a_4bit_embedding(exported):
+def test_default_web_file_is_int8_with_a_4bit_embedding(exported, loaded):
     """The default: every constant-weight MatMul int8, the token table 4-bit, nothing else 4-bit."""
     import onnx
 
@@ -117,7 +117,8 @@ def test_default_web_file_is_int8_with_a_4bit_embedding(exported):
     node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     data = next(t for t in model.graph.initializer if t.name == node.input[0])
     assert node.domain == "com.microsoft" and data.data_type == onnx.TensorProto.UINT8
-    assert list(data.dims) == [479, 32]  # the tiny world's 479 x 64 token table, two values a byte
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    assert list(data.dims) == [vocab, loaded.d_model // 2]  # the token table, two values a byte
 
 
 @pytest.mark.parametrize("mode, op", [("int4", "MatMulNBits"), ("int8", "MatMulInteger")])
@@ -144,7 +145,6 @@ def test_model_json_lists_only_what_the_browser_loads(exported):
 @pytest.mark.parametrize("cols, block", [(64, 64), (768, 64), (100, 32), (48, 16)])
 def test_4bit_table_is_what_onnxruntime_gathers(cols, block):
     """`quantize_4bit_rows` packs what GatherBlockQuantized reads; error within half a step per block."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -164,7 +164,7 @@ def test_4bit_table_is_what_onnxruntime_gathers(cols, block):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     idx = np.array([[0, 7, 299], [5, 5, 150]], np.int64)
     (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"i": idx})
-    assert y.dtype == np.float16 and np.array_equal(y.astype(np.float32), deq[idx]) and onnx.checker.check_model(model) is None
+    assert y.dtype == np.float16 and np.array_equal(y.astype(np.float32), deq[idx])
 
 
 def test_low_agreement_fails_the_export(tiny_world, tmp_path):
@@ -217,4 +217,4 @@ def test_run_with_an_atlas_sae(tiny_world, tmp_path, monkeypatch, capsys):
     assert report["full"]["ok"] and report["web"]["ok"], report
     assert read_stamp(out)["fingerprint"] and not (tmp_path / "runs/t/onnx.tmp").exists()
     export.run(cfg)
-    assert "current, skipped" in capsys.readouterr().out
+    assert "up to date" in capsys.readouterr().out

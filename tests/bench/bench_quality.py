@@ -296,6 +296,14 @@ def main() -> None:
             cfg, store = tiny_world(Path(tmp))
             results.append(compare("tiny", cfg, store, py, args.threads, None))
 
+    if args.only:  # keep the other world's last measured results
+        try:
+            kept = json.loads((OUT / "quality.json").read_text()).get("raw", [])
+        except (OSError, ValueError):
+            kept = []
+        mine = {r["world"] for r in results}
+        results = [r for r in kept if r.get("world") not in mine] + results
+        results.sort(key=lambda r: ["demo", "tiny"].index(r["world"]))
     rows = [row for r in results for row in rows_for(r)]
     desc = "; ".join(f"{r['world']}: d_in {r['d_in']}, d_sae {r['d_sae']:,}, k {r['k']}, batch {r['batch']:,}, "
                      f"{r['steps']} steps ({r['steps'] * r['batch']:,} tokens), lr {r['lr']:g}" for r in results)
@@ -312,7 +320,8 @@ def main() -> None:
         "LM head, so its CE-loss and KL scores are undefined; they are measured on the tiny GPT-2 world "
         "(4 blocks, d_model 64, layer 2). Tokens/s is training wall time only, on a machine shared with other "
         f"jobs (load average {os.getloadavg()[0]:.1f} at the end), so it is noisy; the quality rows are what "
-        f"the comparison is about. Whole benchmark: {time.time() - t0:.0f} s."
+        f"the comparison is about. This run ({', '.join(w for w in ('demo', 'tiny') if args.only in (None, w))}): "
+        f"{time.time() - t0:.0f} s."
     )
     result = {"title": "SAE quality: our TopK trainer vs SAELens's, same data, width, k and token budget",
               "columns": COLUMNS, "rows": rows, "notes": notes, "raw": results}
