@@ -71,10 +71,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     if is_current(out, fp) and not force:
         print(f"analyze: {out} is up to date")
         return out
-    rank, _ = distributed.rank_and_world()
-    if rank != 0:  # analysis runs on one process; other torchrun ranks wait for it
-        distributed.barrier()
-        return out
+    rank, world = distributed.rank_and_world()
+    main = rank == 0
     get_explainer(a.explainer)  # fail on a bad name before hours of work
 
     from atlas.model import load_model, resolve_device
@@ -82,26 +80,46 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     from atlas.store import ActivationStore
 
     device = resolve_device(cfg.model.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    if force and partial.exists():
+    if force and partial.exists() and main:
         shutil.rmtree(partial)
-    loaded = load_model(cfg.model.name, cfg.model.revision, "cpu", "float32")  # W_U and vocab; fail early
-    w_u = loaded.unembedding()
-    vocab = vocab_texts(loaded.tokenizer)
-    del loaded
+    distributed.barrier()
+    w_u, vocab, error = None, [], None
+    if main:  # W_U and vocab (rank 0 writes the output); fail early, on every rank
+        try:
+            loaded = load_model(cfg.model.name, cfg.model.revision, "cpu", "float32")
+            w_u = loaded.unembedding()
+            vocab = vocab_texts(loaded.tokenizer)
+            del loaded
+        except AtlasError as e:
+            error = e
+    if world > 1:
+        msg = distributed.broadcast_object(None if error is None else str(error))
+        if msg is not None and error is None:
+            raise AtlasError(f"rank 0 failed: {msg}")
+    if error is not None:
+        raise error
     with ActivationStore(store_path) as store:
         sae = load_sae(sae_dir, device)
         w_dec = sae.W_dec.detach().float()
         if w_dec.shape[1] != store.d_model:
             raise AtlasError(f"{sae_dir}: SAE d_in {w_dec.shape[1]} does not match the store's d_model {store.d_model}")
+        # With torchrun every rank streams its own rows; the merged result is complete on rank 0.
         stream = analyze_stream(store, sparse_encoder(sae), w_dec.shape[0], a, partial, fp, device)
-        with atomic_dir(out, fp, stage="analyze") as tmp:
-            manifest = write_features(tmp, stream, w_dec, w_u, vocab, a, store.tokens, device)
-            manifest.update(run_metadata(cfg, store, sae_dir, w_u is not None))
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(partial, ignore_errors=True)
-    print(f"analyze: wrote {out} ({manifest['n_features']:,} features, {manifest['n_dead']:,} dead, "
-          f"{manifest['n_dense']:,} dense, {manifest['n_tokens']:,} tokens)")
+        if main:
+            with atomic_dir(out, fp, stage="analyze") as tmp:
+                manifest = write_features(tmp, stream, w_dec, w_u, vocab, a, store.tokens, device)
+                manifest.update(run_metadata(cfg, store, sae_dir, w_u is not None))
+                if world > 1:
+                    manifest["processes"] = world
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+        print(f"analyze: wrote {out} ({manifest['n_features']:,} features, {manifest['n_dead']:,} dead, "
+              f"{manifest['n_dense']:,} dense, {manifest['n_tokens']:,} tokens"
+              + (f", {world} processes" if world > 1 else "") + ")")
     distributed.barrier()
     return out
 
@@ -169,12 +187,17 @@ class Windows:
 
 
 class Spill:
-    """The nonzero codes of pass 1 on disk: per token its count, per entry feature id and value."""
+    """The nonzero codes of pass 1 on disk: per token its count, per entry feature id and value.
 
-    def __init__(self, folder: Path):
+    A spill holds the store rows from `row0` on (under torchrun, each rank spills its own rows);
+    rows passed to and yielded by its methods are store rows."""
+
+    def __init__(self, folder: Path, row0: int = 0):
         self.counts, self.feats, self.vals = (folder / "codes.counts", folder / "codes.feats", folder / "codes.vals")
+        self.row0 = row0
 
     def truncate(self, n_tokens: int, n_entries: int) -> None:
+        """Keep the first `n_tokens` spilled rows and `n_entries` entries."""
         for path, n in ((self.counts, n_tokens), (self.feats, n_entries), (self.vals, n_entries)):
             with open(path, "ab") as f:
                 f.truncate(4 * n)
@@ -185,15 +208,24 @@ class Spill:
             with open(path, "ab") as f:
                 f.write(t.cpu().numpy().astype(dtype, copy=False).tobytes())
 
+    def _counts(self, stop: int) -> np.ndarray:
+        n = stop - self.row0
+        return np.memmap(self.counts, np.int32, "r", shape=(n,)) if n > 0 else np.zeros(0, np.int32)
+
+    def entries_before(self, row: int) -> int:
+        """Entries spilled for the rows before `row`."""
+        return int(self._counts(row).sum(dtype=np.int64))
+
     def batches(self, n_tokens: int, batch_tokens: int, start_token: int = 0, start_entry: int = 0):
-        """Yield (batch index, first row, rows [n] int64, feats [n] int64, vals [n] float32)."""
-        counts = np.memmap(self.counts, np.int32, "r", shape=(n_tokens,)) if n_tokens else np.zeros(0, np.int32)
+        """Yield (batch index, first row, rows [n] int64, feats [n] int64, vals [n] float32, next entry)
+        for the rows start_token .. n_tokens - 1 (store rows, batch-aligned; entry indices are the spill's)."""
+        counts = self._counts(n_tokens)
         n_entries = os.path.getsize(self.feats) // 4
         feats = np.memmap(self.feats, np.int32, "r", shape=(n_entries,)) if n_entries else np.zeros(0, np.int32)
         vals = np.memmap(self.vals, np.float32, "r", shape=(n_entries,)) if n_entries else np.zeros(0, np.float32)
         e = start_entry
         for s in range(start_token, n_tokens, batch_tokens):
-            c = torch.from_numpy(np.array(counts[s:s + batch_tokens], dtype=np.int64))
+            c = torch.from_numpy(np.array(counts[s - self.row0:s - self.row0 + batch_tokens], dtype=np.int64))
             n = int(c.sum())
             rows = torch.repeat_interleave(torch.arange(s, s + len(c)), c)
             yield (s // batch_tokens, s, rows, torch.from_numpy(np.array(feats[e:e + n], dtype=np.int64)),
@@ -492,9 +524,18 @@ def neighbours(w_dec: torch.Tensor, n: int, block: int = 1024) -> tuple[torch.Te
 
 
 def vocab_texts(tokenizer) -> list[str]:
-    """Display text of every token id: decoded, so byte-level 'Ġthe' shows as ' the'."""
+    """Display text of every token id, with the spacing it has inside running text.
+
+    Each token is decoded after a fixed probe token and the probe's text is cut off, so byte-level
+    BPE's 'Ġthe' shows as ' the' and WordPiece shows 'the' as ' the' but '##ing' as 'ing' (a
+    token decoded alone loses that distinction).
+    """
     n = len(tokenizer)
-    return [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(n)]
+    probe = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+    prefix = tokenizer.decode(probe, clean_up_tokenization_spaces=False)
+    joined = tokenizer.batch_decode([probe + [i] for i in range(n)], clean_up_tokenization_spaces=False)
+    alone = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+    return [j[len(prefix):] if probe and j.startswith(prefix) else a for j, a in zip(joined, alone)]
 
 
 def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: list[str], a,

@@ -55,8 +55,11 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         return out
     manifest = shards.read_manifest(features_dir)
     with atomic_dir(out, fp, features=str(features_dir)) as tmp:
-        build_site(cfg, manifest, features_dir, tmp, metrics_path=run_dir / "sae" / "metrics.jsonl",
-                   onnx_dir=onnx_dir if onnx_dir.exists() else None)
+        timings = build_site(cfg, manifest, features_dir, tmp, metrics_path=run_dir / "sae" / "metrics.jsonl",
+                             onnx_dir=onnx_dir if onnx_dir.exists() else None)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"build: wrote {out} ({manifest['n_features']:,} feature pages, {size / 1e6:,.0f} MB, "
+          f"{sum(timings.values()):.0f} s)")
     return out
 
 
@@ -156,27 +159,27 @@ def add_csp(site: Path) -> None:
 
 
 def home_view(cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, metrics: list[dict]) -> dict:
-    m = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
-    s = manifest.get("sae") if isinstance(manifest.get("sae"), dict) else {}
-    arch = s.get("architecture", cfg.sae.architecture)
+    sae = manifest.get("sae_cfg") or {}
+    arch = sae.get("metadata", {}).get("training_architecture") or sae.get("architecture", cfg.sae.architecture)
     glance = [
-        ("Model", m.get("name", cfg.model.name)),
-        ("Layer", f"{m.get('layer', cfg.model.layer)} ({m.get('hook', cfg.hook_name)})"),
-        ("SAE", f"{arch}" + (f", k = {s.get('k', cfg.sae.k)}" if arch in ("topk", "batchtopk") else "")),
-        ("Width", f"{s.get('d_sae', table.n):,} features"),
+        ("Model", cfg.build.model_name or manifest.get("model", cfg.model.name)),
+        ("Layer", f"{manifest.get('layer', cfg.model.layer)} ({manifest.get('hook_name', cfg.hook_name)})"),
+        ("SAE", arch + (f", k = {sae['k']}" if "k" in sae else "")),
+        ("Width", f"{sae.get('d_sae', table.n):,} features"),
         ("Analysed tokens", f"{manifest['n_tokens']:,}" if isinstance(manifest.get("n_tokens"), int) else "–"),
         ("Dead / dense", f"{int(table.is_dead.sum()):,} / {int(table.is_dense.sum()):,}"),
     ]
-    metric_rows = [(METRIC_NAMES.get(k, k), pages.fmt_num(float(v)), METRIC_HELP.get(k, ""))
-                   for k, v in (manifest.get("metrics") or {}).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    values = manifest.get("metrics") or {}
+    metric_rows = [(name, pages.fmt_num(float(values[k])), METRIC_HELP.get(k, ""))
+                   for k, name in METRIC_NAMES.items() if isinstance(values.get(k), (int, float))]
     return {"title": cfg.build.title, "glance": glance, "metrics": metric_rows, "curves": curves(metrics)}
 
 
-METRIC_NAMES = {"explained_variance": "Explained variance", "l0": "L0", "ce_loss_score": "CE-loss score",
-                "kl_score": "KL score", "dead_fraction": "Dead features", "mse": "MSE", "fvu": "FVU",
-                "ce_loss_with_sae": "CE loss with SAE", "ce_loss_clean": "CE loss, clean",
-                "ce_loss_zero_ablation": "CE loss, zero-ablated", "dense_fraction": "Dense features"}
+METRIC_NAMES = {"explained_variance": "Explained variance", "l0": "L0", "mse": "MSE",
+                "dead_fraction": "Dead features", "dense_fraction": "Dense features",
+                "ce_loss_score": "CE-loss score", "kl_score": "KL score", "ce_clean": "CE loss, clean",
+                "ce_sae": "CE loss with SAE", "ce_zero": "CE loss, zero-ablated"}
+"""The evaluation metrics (sae/metrics.json) the home page shows, in order."""
 METRIC_HELP = {"explained_variance": "1 − FVU on held-out activations", "l0": "mean active features per token",
                "ce_loss_score": "share of the CE loss increase from zero-ablation recovered by the SAE",
                "kl_score": "1 − KL(SAE) / KL(zero-ablation)", "dead_fraction": "share of features that never fired"}
@@ -274,12 +277,16 @@ def copy_vendor(site: Path) -> None:
 
 
 def copy_onnx(onnx_dir: Path, site: Path) -> None:
-    """The web encoder and tokenizer for the prompt analyser (files over 95 MB stay behind)."""
+    """What the prompt analyser downloads: model.json and the files it lists (the web encoder,
+    its external data, tokenizer.json) -- not the full-precision encoder or the parity report."""
+    try:
+        files = json.loads((onnx_dir / "model.json").read_text())["files"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        raise AtlasError(f"{onnx_dir / 'model.json'}: missing or unreadable; run `atlas export` again") from None
     dest = site / "onnx"
     dest.mkdir(exist_ok=True)
-    for p in sorted(onnx_dir.iterdir()):
-        if p.is_file() and p.name != "stamp.json" and p.stat().st_size <= MAX_FILE_BYTES:
-            shutil.copy2(p, dest / p.name)
+    for name in ["model.json", *files]:
+        shutil.copy2(onnx_dir / name, dest / Path(name).name)
 
 
 def check_sizes(site: Path) -> None:

@@ -131,6 +131,8 @@ class ExportConfig:
 @dataclass
 class BuildConfig:
     title: str = "Feature Atlas"
+    model_name: str = ""
+    """How the site names the model (default: model.name)."""
     site_url: str = ""
     """Public URL of the published site, used only for canonical links; pages link relatively."""
     repo_url: str = ""

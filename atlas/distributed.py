@@ -62,3 +62,40 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if dist.is_initialized():
         dist.broadcast(t, src=src)
     return t
+
+
+# ---- additive helpers for atlas.analyze: reductions other than a sum, and point-to-point ----------
+
+def _on_backend(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or a copy on this rank's GPU when the backend (nccl) cannot take CPU tensors."""
+    if dist.get_backend() == "nccl" and not t.is_cuda:
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce `t` over ranks in place with `op` ("sum", "max" or "min"); returns `t`.
+
+    Max and min are exact in any order; so is a sum of integers, or of floats where every
+    position is nonzero on at most one rank."""
+    if dist.is_initialized():
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        buf = _on_backend(t)
+        dist.all_reduce(buf, op=ops[op])
+        if buf is not t:
+            t.copy_(buf)
+    return t
+
+
+def send(t: torch.Tensor, dst: int) -> None:
+    """Send `t` to rank `dst` (which calls recv_ with a tensor of the same shape and dtype)."""
+    dist.send(_on_backend(t.contiguous()), dst=dst)
+
+
+def recv_(t: torch.Tensor, src: int) -> torch.Tensor:
+    """Receive into `t`, in place, what rank `src` sent; returns `t`."""
+    buf = _on_backend(t)
+    dist.recv(buf, src=src)
+    if buf is not t:
+        t.copy_(buf)
+    return t
