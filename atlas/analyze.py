@@ -295,19 +295,39 @@ def _rng(seed: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + batch)
 
 
+def rank_rows(n_tok: int, batch_tokens: int, rank: int, world: int) -> range:
+    """The store rows rank `rank` of `world` analyses: a contiguous run of whole batches, so every
+    batch (its encoding, its random keys) is the same as in a single-process run."""
+    n_batches = -(-n_tok // batch_tokens)
+    b0, b1 = n_batches * rank // world, n_batches * (rank + 1) // world
+    return range(min(b0 * batch_tokens, n_tok), min(b1 * batch_tokens, n_tok))
+
+
 def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
                    device: torch.device = torch.device("cpu")) -> StreamResult:
-    """Run (or resume) the three streaming passes over `store`; `encode` is a sparse_encoder."""
-    partial.mkdir(parents=True, exist_ok=True)
-    ckpt = partial / "state.pt"
-    state = _load_state(ckpt, fp)
-    spill = Spill(partial)
+    """Run (or resume) the three streaming passes over `store`; `encode` is a sparse_encoder.
+
+    In a torch.distributed process group every rank calls this with the same arguments: rank r
+    streams the rows rank_rows(r) into its own spill and checkpoint (`partial/rank{r}-of-{world}`),
+    and the partial results are merged exactly (see _merge_ranks). The result is then the same,
+    bit for bit, as a single process's on rank 0; other ranks get all of it but `sum_act`."""
+    rank, world = distributed.rank_and_world()
     n_tok, L = store.n_tokens, store.ctx_len
     B = a.batch_tokens
+    rows_mine = rank_rows(n_tok, B, rank, world) if world > 1 else range(0, n_tok)
+    row0, row1 = rows_mine.start, rows_mine.stop
+    folder = partial if world == 1 else partial / f"rank{rank}-of-{world}"
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = folder / "state.pt"
+    state = _load_state(ckpt, fp)
+    spill = Spill(folder, row0)
+    # Under torchrun, ranks > 0 keep their per-batch activation sums: rank 0 adds them to its own in
+    # batch order, so the float64 sums are rounded exactly as in one process.
+    sums = folder / "batch_sums.f64" if rank > 0 else None
     if state is None:
         f64, f32 = dict(dtype=torch.float64, device=device), dict(dtype=torch.float32, device=device)
         state = dict(
-            fingerprint=fp, phase="encode", tokens_done=0, entries_done=0,
+            fingerprint=fp, phase="encode", tokens_done=row0, entries_done=0,
             n_fired=torch.zeros(d_sae, dtype=torch.int64, device=device), sum_act=torch.zeros(d_sae, **f64),
             max_act=torch.zeros(d_sae, **f32), min_act=torch.full((d_sae,), float("inf"), **f32),
             top_val=torch.full((d_sae, a.n_top), _NEG, **f32),
@@ -322,14 +342,21 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
         torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}, tmp)
         os.replace(tmp, ckpt)
 
+    def desc(name: str) -> str:
+        return f"analyze: {name}" + (f" (rank 0 of {world})" if world > 1 else "")
+
     seconds = {}
     t0 = time.perf_counter()
     # Pass 1: encode, statistics, top-k, spill.
     if state["phase"] == "encode":
-        spill.truncate(state["tokens_done"], state["entries_done"])
-        bar = tqdm(total=n_tok, initial=state["tokens_done"], unit="tok", unit_scale=True, desc="analyze: encode")
+        spill.truncate(state["tokens_done"] - row0, state["entries_done"])
+        if sums is not None:
+            with open(sums, "ab") as f:
+                f.truncate(8 * d_sae * -(-(state["tokens_done"] - row0) // B))
+        bar = tqdm(total=row1 - row0, initial=state["tokens_done"] - row0, unit="tok", unit_scale=True,
+                   disable=rank != 0, desc=desc("encode"))
         with torch.inference_mode():
-            for i, (start, x) in enumerate(store.iter_batches(B, range(state["tokens_done"], n_tok))):
+            for i, (start, x) in enumerate(store.iter_batches(B, range(state["tokens_done"], row1))):
                 tok, feat, val = encode(x.to(device))
                 val = val.float()
                 rows = tok + start
@@ -337,30 +364,41 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
                     keep = rows % L != 0
                     tok, feat, val, rows = tok[keep], feat[keep], val[keep], rows[keep]
                 state["n_fired"] += torch.bincount(feat, minlength=d_sae)
-                state["sum_act"] += torch.bincount(feat, weights=val.double(), minlength=d_sae)
+                batch_sum = torch.bincount(feat, weights=val.double(), minlength=d_sae)
+                state["sum_act"] += batch_sum
                 state["max_act"].scatter_reduce_(0, feat, val, "amax")
                 state["min_act"].scatter_reduce_(0, feat, val, "amin")
                 merge_topk(state["top_val"], feat, val, [state["top_pos"]], [rows])
                 spill.append(torch.bincount(tok, minlength=len(x)), feat, val)
+                if sums is not None:
+                    with open(sums, "ab") as f:
+                        f.write(batch_sum.cpu().numpy().tobytes())
                 state["tokens_done"] = start + len(x)
                 state["entries_done"] += len(val)
                 bar.update(len(x))
                 if (i + 1) % a.checkpoint_every == 0:
                     save()
         bar.close()
-        state.update(phase="sample", sample_tokens=0, sample_entries=0, **_sample_init(state, d_sae, a, device))
+    if world > 1:  # every rank, whatever phase it resumed in: histogram and interval edges need the global range
+        glob = {k: distributed.all_reduce_(state[k].clone(), op) for k, op in
+                (("n_fired", "sum"), ("max_act", "max"), ("min_act", "min"))}
+    else:
+        glob = state
+    if state["phase"] == "encode":
+        state.update(phase="sample", sample_tokens=row0, sample_entries=0, **_sample_init(glob, d_sae, a, device))
         save()
     seconds["encode"], t0 = time.perf_counter() - t0, time.perf_counter()
 
     # Pass 2: histograms and interval reservoirs, with exact edges.
     if state["phase"] == "sample":
-        bar = tqdm(total=n_tok, initial=state["sample_tokens"], unit="tok", unit_scale=True, desc="analyze: sample")
-        batches = spill.batches(n_tok, B, state["sample_tokens"], state["sample_entries"])
+        bar = tqdm(total=row1 - row0, initial=state["sample_tokens"] - row0, unit="tok", unit_scale=True,
+                   disable=rank != 0, desc=desc("sample"))
+        batches = spill.batches(row1, B, state["sample_tokens"], state["sample_entries"])
         for i, (b, start, rows, feat, val, e_next) in enumerate(batches):
             rows, feat, val = rows.to(device), feat.to(device), val.to(device)
             _sample_batch(state, a, rows, feat, val, _rng(a.seed, b), d_sae)
-            state["sample_tokens"], state["sample_entries"] = min(start + B, n_tok), e_next
-            bar.update(min(B, n_tok - start))
+            state["sample_tokens"], state["sample_entries"] = min(start + B, row1), e_next
+            bar.update(min(B, row1 - start))
             if (i + 1) % a.checkpoint_every == 0:
                 save()
         bar.close()
@@ -368,15 +406,23 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
         save()
     seconds["sample"], t0 = time.perf_counter() - t0, time.perf_counter()
 
-    # Pass 3: per-token activations of the chosen examples' windows.
     cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+    if world > 1:
+        cpu.update({k: v.cpu() for k, v in glob.items()})
+        cpu.update(_merge_ranks(cpu, d_sae, a, rank, world, n_tok, B, sums))
+        seconds["merge"], t0 = time.perf_counter() - t0, time.perf_counter()
+
+    # Pass 3: per-token activations of the chosen examples' windows.
     # Show each interval's sample strongest first (empty slots, value 0, stay last).
     res_val = cpu["res_val"].view(d_sae, a.n_intervals, a.per_interval)
     order = res_val.argsort(dim=2, descending=True, stable=True)
     res_val = res_val.gather(2, order)
     res_pos = cpu["res_pos"].view(d_sae, a.n_intervals, a.per_interval).gather(2, order)
     ex_feat, ex_row = _example_list(cpu["top_pos"], res_pos)
-    windows = _fill_windows(spill, n_tok, L, B, d_sae, ex_feat, ex_row, a.context_left, a.context_right)
+    windows = _fill_windows(spill, n_tok, L, B, d_sae, ex_feat, ex_row, a.context_left, a.context_right,
+                            rows_mine, progress=rank == 0)
+    if world > 1:  # each window position lies in one rank's rows and is 0 on the others: the sum is exact
+        distributed.all_reduce_(windows.acts, "sum")
     seconds["windows"] = time.perf_counter() - t0
     return StreamResult(
         n_tokens=n_tok - (store.n_contexts if a.skip_bos else 0),
@@ -386,6 +432,45 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
         res_val=res_val, res_pos=res_pos, windows=windows,
         seconds=seconds,
     )
+
+
+def _merge_ranks(cpu: dict, d_sae: int, a, rank: int, world: int, n_tok: int, B: int,
+                 sums: Path | None, chunk_batches: int = 64) -> dict:
+    """Merge the ranks' partial results of passes 1 and 2, exactly (on CPU tensors).
+
+    Counts add; the top-k buffers and interval reservoirs are merged in rank order, i.e. in row
+    order, with merge_topk, whose order is (score descending, row ascending) as in one process
+    (the reservoir keys come from (seed, batch index), whichever rank drew them). The activation
+    sums are added on rank 0 batch after batch as one process adds them (ranks > 0 send theirs).
+    """
+    out = {"hist_counts": distributed.all_reduce_(cpu["hist_counts"].clone(), "sum")}
+    parts = distributed.all_gather_object({k: cpu[k] for k in ("top_val", "top_pos", "res_key", "res_pos", "res_val")})
+    top_val, top_pos = parts[0]["top_val"].clone(), parts[0]["top_pos"].clone()
+    res_key, res_pos, res_val = (parts[0][k].clone() for k in ("res_key", "res_pos", "res_val"))
+    top_group = torch.arange(d_sae).repeat_interleave(a.n_top)
+    res_group = torch.arange(res_key.shape[0]).repeat_interleave(a.per_interval)
+    for p in parts[1:]:
+        merge_topk(top_val, top_group, p["top_val"].reshape(-1), [top_pos], [p["top_pos"].reshape(-1)])
+        merge_topk(res_key, res_group, p["res_key"].reshape(-1), [res_pos, res_val],
+                   [p["res_pos"].reshape(-1), p["res_val"].reshape(-1)])
+    out.update(top_val=top_val, top_pos=top_pos, res_key=res_key, res_pos=res_pos, res_val=res_val)
+
+    sum_act = cpu["sum_act"].clone()
+    for r in range(1, world):
+        rows = rank_rows(n_tok, B, r, world)
+        n_b = -(-len(rows) // B)
+        if rank == r:
+            mm = np.memmap(sums, np.float64, "r", shape=(n_b, d_sae)) if n_b else None
+        for c0 in range(0, n_b, chunk_batches):
+            c1 = min(c0 + chunk_batches, n_b)
+            if rank == r:
+                distributed.send(torch.from_numpy(np.array(mm[c0:c1])), dst=0)
+            elif rank == 0:
+                block = distributed.recv_(torch.empty(c1 - c0, d_sae, dtype=torch.float64), src=r)
+                for s in block:
+                    sum_act += s
+    out["sum_act"] = sum_act
+    return out
 
 
 def _load_state(ckpt: Path, fp: str) -> dict | None:
@@ -449,7 +534,12 @@ def _window_rows(start: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def _fill_windows(spill: Spill, n_tok: int, L: int, B: int, d_sae: int, ex_feat: torch.Tensor,
-                  ex_row: torch.Tensor, left: int, right: int) -> Windows:
+                  ex_row: torch.Tensor, left: int, right: int, rows: range | None = None,
+                  progress: bool = True) -> Windows:
+    """The windows of the examples (ex_feat, ex_row), with the activations read from `spill`.
+
+    With `rows` (a batch-aligned range of store rows, the spill's), only window positions in those
+    rows are filled; the others stay 0."""
     ctx, off = ex_row // L, ex_row % L
     lo = (off - left).clamp_min(0)
     hi = (off + right + 1).clamp_max(L)
@@ -459,22 +549,21 @@ def _fill_windows(spill: Spill, n_tok: int, L: int, B: int, d_sae: int, ex_feat:
     keys = _window_rows(start, offsets) * d_sae + torch.repeat_interleave(ex_feat, width)
     uk, inv = torch.unique(keys, return_inverse=True)
     found = torch.zeros(len(uk), dtype=torch.float32)
-    if len(uk):
-        first, last = int(uk[0] // d_sae), int(uk[-1] // d_sae)
-        s0 = (first // B) * B
-        entry0 = 0
-        if s0:
-            counts = np.memmap(spill.counts, np.int32, "r", shape=(n_tok,))
-            entry0 = int(counts[:s0].sum(dtype=np.int64))
-        bar = tqdm(total=last + 1 - s0, unit="tok", unit_scale=True, desc="analyze: windows")
-        for _, s, r, f, v, _ in spill.batches(n_tok, B, s0, entry0):
+    rows = rows if rows is not None else range(0, n_tok)
+    k0, k1 = (int(i) for i in torch.searchsorted(uk, torch.tensor([rows.start * d_sae, rows.stop * d_sae])))
+    mine = uk[k0:k1]
+    if len(mine):
+        first, last = int(mine[0] // d_sae), int(mine[-1] // d_sae)
+        s0 = max((first // B) * B, rows.start)
+        bar = tqdm(total=last + 1 - s0, unit="tok", unit_scale=True, desc="analyze: windows", disable=not progress)
+        for _, s, r, f, v, _ in spill.batches(rows.stop, B, s0, spill.entries_before(s0)):
             if s > last:
                 break
             k = r * d_sae + f
-            idx = torch.searchsorted(uk, k).clamp_max(len(uk) - 1)
-            hit = uk[idx] == k
-            found[idx[hit]] = v[hit]
-            bar.update(min(B, n_tok - s))
+            idx = torch.searchsorted(mine, k).clamp_max(len(mine) - 1)
+            hit = mine[idx] == k
+            found[k0 + idx[hit]] = v[hit]
+            bar.update(min(B, rows.stop - s))
         bar.close()
     return Windows(start_row=start, offsets=offsets, acts=found[inv])
 

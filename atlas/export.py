@@ -260,7 +260,9 @@ def quantize(model, mode: str):
         level = root.level
         root.setLevel(logging.ERROR)  # its "consider pre-processing" hint is for static quantisation
         try:
-            quantize_dynamic(src, dst, op_types_to_quantize=ops, weight_type=QuantType.QInt8, per_channel=False,
+            # Per-channel weight scales: the residual stream's few large dimensions otherwise set one
+            # scale for a whole matrix (all-MiniLM-L6-v2 demo: top-1 agreement 0.83 per-tensor, 0.93 per-channel).
+            quantize_dynamic(src, dst, op_types_to_quantize=ops, weight_type=QuantType.QInt8, per_channel=True,
                              extra_options={"MatMulConstBOnly": True}, use_external_data_format=False)
         finally:
             root.setLevel(level)
