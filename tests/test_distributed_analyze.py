@@ -143,7 +143,7 @@ def test_torchrun_analyze_equals_single_process(tiny_config, tmp_path):
     features = Path("runs/tiny/features")
     _assert_same(one / features, two / features)
     f, e = _tables(two / features)
-    assert len(e) > D_SAE * 10 and f.is_dead.sum() == 3  # a real comparison: many examples, some dead features
+    assert len(e) > D_SAE * 10 and f.is_dead.sum() >= 3  # a real comparison: many examples, some dead features
     assert json.loads((two / features / "manifest.json").read_text())["processes"] == 2
     assert not (two / "runs" / "tiny" / "features.partial").exists()
 

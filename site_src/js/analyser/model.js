@@ -122,9 +122,19 @@ export function tokenize(model, text) {
   return { ids: truncated ? all.slice(0, meta.max_tokens) : all, truncated, nTokens: all.length };
 }
 
-/** Display text of each token (decoded one by one, so byte-split characters show as �). */
+/**
+ * Display text of each token with the spacing it has in running text, as the feature pages show
+ * it (atlas/analyze.py vocab_texts): each token is decoded after a probe token whose text is then
+ * cut off, so WordPiece shows "the" as " the" and "##ing" as "ing". Byte-split characters show as �.
+ */
 export function tokenTexts(model, ids) {
-  return ids.map((id) => model.tokenizer.decode([id], { skip_special_tokens: false }));
+  const opts = { skip_special_tokens: false };
+  const probe = model.tokenizer.encode("a", { add_special_tokens: false }).ids.map(Number).slice(0, 1);
+  const prefix = model.tokenizer.decode(probe, opts);
+  return ids.map((id) => {
+    const joined = model.tokenizer.decode([...probe, id], opts);
+    return probe.length && joined.startsWith(prefix) ? joined.slice(prefix.length) : model.tokenizer.decode([id], opts);
+  });
 }
 
 /**
