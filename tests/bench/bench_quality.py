@@ -156,17 +156,20 @@ def compare(name: str, cfg, store_path: Path, py: Path | None, threads: int, n_t
         assert torch.equal(first, rows[order[0]].float()), "batch order reconstruction differs from train_sae's"
 
         print(f"[{name}] ours: train_sae, {steps} steps x {tc.batch_size} tokens", flush=True)
-        t = time.perf_counter()
+        t, load = time.perf_counter(), os.getloadavg()[0]
         ours, summary = train_sae(cfg.sae, tc, data, n_tokens=steps * tc.batch_size)
         seconds = time.perf_counter() - t
-        res["ours_train"] = {"seconds": seconds, "tokens": summary["tokens"], "steps": summary["steps"]}
+        res["ours_train"] = {"seconds": seconds, "tokens": summary["tokens"], "steps": summary["steps"],
+                             "load_average": [load, os.getloadavg()[0]]}
 
         theirs = None
         if py is not None:
             print(f"[{name}] SAELens: SAETrainer, the same {steps} batches", flush=True)
             with tempfile.TemporaryDirectory(dir=OUT, prefix=f"quality-{name}-") as work:
                 try:
+                    load = os.getloadavg()[0]
                     res["saelens_train"] = train_saelens(py, rows, order, sample, cfg, threads, Path(work))
+                    res["saelens_train"]["load_average"] = [load, os.getloadavg()[0]]
                     theirs = load_sae(res["saelens_train"]["dir"])
                     res["saelens_cfg"] = json.loads((Path(res["saelens_train"]["dir"]) / "cfg.json").read_text())
                 except RuntimeError as e:
@@ -267,7 +270,10 @@ def rows_for(r: dict) -> list[list[str]]:
     ta, tb = r.get("ours_train"), r.get("saelens_train")
     sa = ta["tokens"] / ta["seconds"] if ta else None
     sb = tb["tokens"] / tb["seconds"] if tb else None
-    out.append([f"{w}: training tokens/s ({r['threads']} threads)", _f(sa, ",.0f"), _f(sb, ",.0f"),
+    loads = [t["load_average"] for t in (ta, tb) if t and "load_average" in t]
+    load = f"; 1-min load average {min(v for p in loads for v in p):.1f}-{max(v for p in loads for v in p):.1f}" \
+        if loads else ""
+    out.append([f"{w}: training tokens/s ({r['threads']} threads{load})", _f(sa, ",.0f"), _f(sb, ",.0f"),
                 f"{sa / sb:.2f}x" if sa and sb else "n/a", "≥ SAELens: " + ("n/a" if not (sa and sb) else
                                                                           "met" if sa >= sb else "NOT met")])
     return out
