@@ -245,13 +245,12 @@ def merge_topk(buf_score: torch.Tensor, group: torch.Tensor, score: torch.Tensor
     m = buf_score.shape[1]
     if m == 0 or len(score) == 0:
         return
-    keep = score > buf_score[group, -1]
-    if not bool(keep.any()):
+    keep = (score > buf_score[:, -1][group]).nonzero().squeeze(1)
+    if len(keep) == 0:
         return
     group, score = group[keep], score[keep]
     payloads = [p[keep] for p in payloads]
-    order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
+    order = _group_score_order(group, score)
     group, score = group[order], score[order]
     payloads = [p[order] for p in payloads]
     uniq, counts = torch.unique_consecutive(group, return_counts=True)
@@ -273,18 +272,44 @@ def merge_topk(buf_score: torch.Tensor, group: torch.Tensor, score: torch.Tensor
         buf[uniq] = torch.cat([buf[uniq], c], 1).gather(1, idx)
 
 
+def _group_score_order(group: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """The permutation sorting candidates by group ascending, then score descending, ties in
+    stream order: for float32 scores one stable sort of an int64 key (group in the high 32 bits,
+    the score's order-preserving bit pattern in the low 32), else two stable argsorts."""
+    if score.dtype == torch.float32 and len(group) and int(group.max()) < 2 ** 31:
+        bits = (score + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0, which compares equal
+        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # monotonic in the float's value
+        key = (group.long() << 32) | (0x7FFFFFFF - bits)  # descending score in [0, 2^32)
+        return torch.sort(key, stable=True).indices
+    order = torch.argsort(score, descending=True, stable=True)
+    return order[torch.argsort(group[order], stable=True)]
+
+
 def _locate(edges: torch.Tensor, feat: torch.Tensor, val: torch.Tensor, guess: torch.Tensor,
             right_closed: bool) -> torch.Tensor:
     """Bin of each value among its feature's edges, from an arithmetic guess corrected against the
-    stored float32 edges, so that a value's bin always agrees with the edges written out."""
+    stored float32 edges, so that a value's bin always agrees with the edges written out.
+
+    Bins are [e_i, e_i+1) (the last one closed), or (e_i, e_i+1] with `right_closed`; a value is
+    moved one bin at a time until it lies in its bin, so any guess gives the exact bin (only the
+    few values a guess misses, usually by one bin at an edge, are looked at again)."""
     n = edges.shape[1] - 1
+    flat = edges.reshape(-1)
     i = guess.clamp(0, n - 1)
-    lo, hi = edges[feat, i], edges[feat, i + 1]
-    if right_closed:  # (lo, hi]
-        i = i - ((val <= lo) & (i > 0)).long() + ((val > hi) & (i < n - 1)).long()
-    else:  # [lo, hi)
-        i = i - ((val < lo) & (i > 0)).long() + ((val >= hi) & (i < n - 1)).long()
-    return i
+    base = feat * (n + 1)
+    sub = None  # the values still being checked (all at first)
+    while True:
+        b, v, j = (base, val, i) if sub is None else (base[sub], val[sub], i[sub])
+        lo, hi = flat[b + j], flat[b + j + 1]
+        if right_closed:  # (lo, hi]
+            step = ((v > hi) & (j < n - 1)).long() - ((v <= lo) & (j > 0)).long()
+        else:  # [lo, hi)
+            step = ((v >= hi) & (j < n - 1)).long() - ((v < lo) & (j > 0)).long()
+        moved = step.nonzero().squeeze(1)
+        if len(moved) == 0:
+            return i
+        sub = moved if sub is None else sub[moved]
+        i[sub] += step[moved]
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,9 +419,10 @@ def analyze_stream(store, encode, d_sae: int, a, partial: Path, fp: str,
         bar = tqdm(total=row1 - row0, initial=state["sample_tokens"] - row0, unit="tok", unit_scale=True,
                    disable=rank != 0, desc=desc("sample"))
         batches = spill.batches(row1, B, state["sample_tokens"], state["sample_entries"])
+        consts = _sample_consts(state, a)
         for i, (b, start, rows, feat, val, e_next) in enumerate(batches):
             rows, feat, val = rows.to(device), feat.to(device), val.to(device)
-            _sample_batch(state, a, rows, feat, val, _rng(a.seed, b), d_sae)
+            _sample_batch(state, a, rows, feat, val, _rng(a.seed, b), d_sae, consts)
             state["sample_tokens"], state["sample_entries"] = min(start + B, row1), e_next
             bar.update(min(B, row1 - start))
             if (i + 1) % a.checkpoint_every == 0:
@@ -505,15 +531,22 @@ def _sample_init(state: dict, d_sae: int, a, device) -> dict:
     )
 
 
-def _sample_batch(state: dict, a, rows, feat, val, gen: torch.Generator, d_sae: int) -> None:
-    nb, ni = a.histogram_bins, a.n_intervals
+def _sample_consts(state: dict, a) -> dict:
+    """Per-feature constants of the bin guesses (float32; _locate makes the bins exact)."""
     he, ie = state["hist_edges"], state["interval_edges"]
-    lo, hi = he[feat, 0].double(), he[feat, -1].double()
-    guess = ((val.double().log() - lo.log()) / (hi.log() - lo.log()) * nb).floor().long()
-    hbin = _locate(he, feat, val, guess, right_closed=False)
-    state["hist_counts"] += torch.bincount(feat * nb + hbin, minlength=d_sae * nb)
-    guess = (val.double() / ie[feat, -1].double() * ni).ceil().long() - 1
-    ibin = _locate(ie, feat, val, guess, right_closed=True)
+    log_lo = he[:, 0].log()
+    return dict(log_lo=log_lo, hist_scale=a.histogram_bins / (he[:, -1].log() - log_lo),
+                int_scale=a.n_intervals / ie[:, -1])
+
+
+def _sample_batch(state: dict, a, rows, feat, val, gen: torch.Generator, d_sae: int, consts: dict | None = None) -> None:
+    nb, ni = a.histogram_bins, a.n_intervals
+    c = consts if consts is not None else _sample_consts(state, a)
+    guess = ((val.log() - c["log_lo"][feat]) * c["hist_scale"][feat]).long()  # >= 0, so long() is floor
+    hbin = _locate(state["hist_edges"], feat, val, guess, right_closed=False)
+    state["hist_counts"].index_put_((feat * nb + hbin,), torch.ones_like(hbin), accumulate=True)
+    guess = (val * c["int_scale"][feat]).ceil().long() - 1
+    ibin = _locate(state["interval_edges"], feat, val, guess, right_closed=True)
     keys = torch.rand(len(val), generator=gen).to(val.device)
     merge_topk(state["res_key"], feat * ni + ibin, keys, [state["res_pos"], state["res_val"]], [rows, val])
 
@@ -538,34 +571,49 @@ def _fill_windows(spill: Spill, n_tok: int, L: int, B: int, d_sae: int, ex_feat:
                   progress: bool = True) -> Windows:
     """The windows of the examples (ex_feat, ex_row), with the activations read from `spill`.
 
-    With `rows` (a batch-aligned range of store rows, the spill's), only window positions in those
-    rows are filled; the others stay 0."""
+    Batch by batch, the windows that overlap the batch's rows (found by their first row) are laid
+    out and looked up among the batch's spilled (row, feature) keys, sorted. With `rows` (a
+    batch-aligned range of store rows, the spill's), only window positions in those rows are
+    filled; the others stay 0."""
     ctx, off = ex_row // L, ex_row % L
     lo = (off - left).clamp_min(0)
     hi = (off + right + 1).clamp_max(L)
     start = ctx * L + lo
     width = hi - lo
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(width, 0)])
-    keys = _window_rows(start, offsets) * d_sae + torch.repeat_interleave(ex_feat, width)
-    uk, inv = torch.unique(keys, return_inverse=True)
-    found = torch.zeros(len(uk), dtype=torch.float32)
+    acts = torch.zeros(int(offsets[-1]), dtype=torch.float32)
     rows = rows if rows is not None else range(0, n_tok)
-    k0, k1 = (int(i) for i in torch.searchsorted(uk, torch.tensor([rows.start * d_sae, rows.stop * d_sae])))
-    mine = uk[k0:k1]
-    if len(mine):
-        first, last = int(mine[0] // d_sae), int(mine[-1] // d_sae)
-        s0 = max((first // B) * B, rows.start)
-        bar = tqdm(total=last + 1 - s0, unit="tok", unit_scale=True, desc="analyze: windows", disable=not progress)
+    by_start = torch.argsort(start)
+    first_row = start[by_start]
+    max_w = int(width.max()) if len(width) else 0
+    if len(width):
+        end = start + width  # exclusive
+        s0 = max((int(first_row[0]) // B) * B, rows.start)
+        stop = min(int(end.max()), rows.stop)
+    if len(width) and s0 < stop:
+        bar = tqdm(total=stop - s0, unit="tok", unit_scale=True, desc="analyze: windows", disable=not progress)
         for _, s, r, f, v, _ in spill.batches(rows.stop, B, s0, spill.entries_before(s0)):
-            if s > last:
+            if s >= stop:
                 break
-            k = r * d_sae + f
-            idx = torch.searchsorted(mine, k).clamp_max(len(mine) - 1)
-            hit = mine[idx] == k
-            found[k0 + idx[hit]] = v[hit]
-            bar.update(min(B, rows.stop - s))
+            s1 = min(s + B, rows.stop)
+            # windows with a row in [s, s1): first row in (s - max_w, s1)
+            e0, e1 = (int(x) for x in torch.searchsorted(first_row, torch.tensor([s - max_w + 1, s1])))
+            ex = by_start[e0:e1]
+            w = width[ex]
+            n = int(w.sum())
+            pos = torch.repeat_interleave(offsets[ex] - (torch.cumsum(w, 0) - w), w) + torch.arange(n)
+            prow = torch.repeat_interleave(start[ex] - offsets[ex], w) + pos
+            inside = ((prow >= s) & (prow < s1)).nonzero().squeeze(1)
+            pos, prow = pos[inside], prow[inside]
+            want = prow * d_sae + torch.repeat_interleave(ex_feat[ex], w)[inside]
+            have, order = torch.sort(r * d_sae + f)
+            if len(have):
+                idx = torch.searchsorted(have, want).clamp_max(len(have) - 1)
+                hit = (have[idx] == want).nonzero().squeeze(1)
+                acts[pos[hit]] = v[order[idx[hit]]]
+            bar.update(min(B, stop - s))
         bar.close()
-    return Windows(start_row=start, offsets=offsets, acts=found[inv])
+    return Windows(start_row=start, offsets=offsets, acts=acts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -110,13 +110,16 @@ def test_prompt_page_matches_python(browser, site, url):
     items = page.query_selector_all(".atlas-strongest li")
     got = [(int(li.get_attribute("data-feature-id")), float(li.get_attribute("data-act"))) for li in items[:5]]
     assert [g[0] for g in got] == [w[0] for w in want]
-    assert np.allclose([g[1] for g in got], [w[1] for w in want], rtol=1e-3, atol=1e-4)
+    # Same int8 file, different int8 kernels (wasm vs x86): activations are re-quantised to 8 bits
+    # before every MatMul (resolution ~1/127), so rounding differences of a few 1e-3 are expected;
+    # the feature ids above must agree exactly.
+    assert np.allclose([g[1] for g in got], [w[1] for w in want], rtol=5e-3, atol=1e-3)
     # heatmap of the chosen feature (the strongest, chosen by default)
     feature = int(page.input_value(".atlas-feature-input"))
     assert feature == want[0][0]
     acts = [float(s.get_attribute("data-act")) for s in spans]
     ref = [float(top_acts[t][list(top_ids[t]).index(feature)]) if feature in top_ids[t] else 0.0 for t in range(len(ids))]
-    assert np.allclose(acts, ref, rtol=1e-3, atol=1e-3)
+    assert np.allclose(acts, ref, rtol=5e-3, atol=2e-3)
     # hovering a token lists its features, linked to their pages, labels inserted as text
     spans[4].hover()
     assert page.get_attribute(".atlas-token-features", "data-index") == "4"
@@ -155,7 +158,7 @@ def test_feature_page_box(browser, site, url):
     ids, top_ids, top_acts = python_result(site, text)
     acts = [float(s.get_attribute("data-act")) for s in page.query_selector_all(".atlas-try .atlas-token")]
     ref = [float(top_acts[t][list(top_ids[t]).index(5)]) if 5 in top_ids[t] else 0.0 for t in range(len(ids))]
-    assert np.allclose(acts, ref, rtol=1e-3, atol=1e-3)
+    assert np.allclose(acts, ref, rtol=5e-3, atol=2e-3)
     assert browser.external_requests == [] and page.console_errors == []
 
 

@@ -189,7 +189,7 @@ def test_sizes_and_skip(built_site, capsys, monkeypatch):
     monkeypatch.chdir(built_site.parent.parent.parent)
     before = read_stamp(built_site)["created"]
     build.run(RunConfig(path="synth.yaml"))
-    assert "is current" in capsys.readouterr().err
+    assert "is up to date" in capsys.readouterr().out
     assert read_stamp(built_site)["created"] == before
 
 
