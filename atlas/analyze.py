@@ -131,10 +131,21 @@ def sparse_encoder(sae):
     any other architecture is encoded densely and its nonzero entries taken.
     """
     if getattr(sae, "architecture", "") == "topk":
+        from atlas.saes.base import SparseAutoencoder
+        from atlas.saes.topk import TopKSAE
+
         k = sae.k
+        plain = type(sae).encode_pre is SparseAutoencoder.encode_pre and type(sae).encode_topk is TopKSAE.encode_topk
 
         def encode(x):
-            v, i = sae.encode_topk(x, k)
+            if plain:  # sae.encode_topk(x, k) with the bias added in place: the same values, one [n, d_sae] buffer less
+                pre = (x - sae.b_dec if sae.apply_b_dec_to_input else x) @ sae.W_enc
+                pre += sae.b_enc
+                v, i = pre.topk(k, dim=-1)
+                del pre
+                v = torch.relu(v)
+            else:
+                v, i = sae.encode_topk(x, k)
             keep = v > 0
             tok = torch.arange(len(x), device=x.device)[:, None].expand_as(i)
             return tok[keep], i[keep], v[keep]

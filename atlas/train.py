@@ -228,7 +228,7 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
     sae = build_sae(sae_cfg, d_in, seed=tc.seed, metadata=metadata).to(device)
     n_tokens = n_tokens or tc.n_tokens or data.n_rows
     total_steps = max(1, n_tokens // tc.batch_size)
-    opt = torch.optim.Adam(sae.parameters(), lr=tc.lr, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(sae.optimizer_groups(), lr=tc.lr, betas=(0.9, 0.999))
     last_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     step, scale, log_path = 0, None, None
 
@@ -240,6 +240,11 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             ckpt = _load_checkpoint(ckpt_dir, fp)
         ckpt = distributed.broadcast_object(ckpt)  # every rank resumes from rank 0's checkpoint
+        if ckpt is not None and len(ckpt["optimizer"]["param_groups"]) != len(opt.param_groups):
+            if main:
+                print(f"train: {ckpt_dir / CKPT_FILE} was written by an older trainer (other optimiser groups); "
+                      f"starting over")
+            ckpt = None
     if ckpt is not None:
         sae.load_state_dict(ckpt["sae"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -288,7 +293,7 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
         sparsity_scale = min(1.0, (step + 1) / tc.l1_warmup_steps) if tc.l1_warmup_steps else 1.0
         lr = lr_at(step, total_steps, tc)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         out = model(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale)
         fired, finite = out.fired, bool(torch.isfinite(out.loss))
         if world > 1:

@@ -122,3 +122,30 @@ def test_row_stream_streams_chunks_and_resumes_anywhere():
     later = [b for _, b in zip(range(5), stream.batches(50, start_step=13))]
     for a, b in zip(batches[13:18], later):
         assert torch.equal(a, b)
+
+
+def test_per_parameter_learning_rates(tmp_path):
+    """TopK's decoder and biases step at lr_scales x lr; the checkpoint keeps one group per parameter."""
+    from atlas.saes import build_sae
+    from atlas.saes.topk import DECODER_BIAS_LR_SCALE
+
+    groups = build_sae(SAE, 16).optimizer_groups()
+    assert sorted(g["name"] for g in groups) == ["W_dec", "W_enc", "b_dec", "b_enc"]
+    scales = {g["name"]: g["lr_scale"] for g in groups}
+    assert scales["W_enc"] == 1.0 and scales["W_dec"] == scales["b_enc"] == scales["b_dec"] == DECODER_BIAS_LR_SCALE
+    train_sae(SAE, TC, tensor_stream(data()), ckpt_dir=tmp_path, fp="f", progress=False, max_steps=20)
+    ckpt = torch.load(tmp_path / CKPT_FILE, weights_only=True)
+    assert [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]] == [1, 1, 1, 1]
+    got = sorted(g["lr"] / g["lr_scale"] for g in ckpt["optimizer"]["param_groups"])
+    assert got[0] == pytest.approx(got[-1])  # one schedule, scaled per parameter
+
+
+def test_checkpoint_with_other_optimizer_groups_starts_over(tmp_path, capsys):
+    x = data()
+    train_sae(SAE, TC, tensor_stream(x), ckpt_dir=tmp_path, fp="f", progress=False, max_steps=20)
+    ckpt = torch.load(tmp_path / CKPT_FILE, weights_only=True)
+    opt = ckpt["optimizer"]  # as an older trainer wrote it: one group holding every parameter
+    opt["param_groups"] = [{**opt["param_groups"][0], "params": [0, 1, 2, 3]}]
+    torch.save(ckpt, tmp_path / CKPT_FILE)
+    _, summary = train_sae(SAE, TC, tensor_stream(x), ckpt_dir=tmp_path, fp="f", progress=False, max_steps=5)
+    assert summary["steps"] == 5 and "older trainer" in capsys.readouterr().out

@@ -116,6 +116,14 @@ class SparseAutoencoder(nn.Module):
         AuxK loss); `sparsity_scale` in [0, 1] warms up the sparsity penalty."""
         raise NotImplementedError
 
+    lr_scales: dict[str, float] = {}
+    """Per-parameter multipliers of the trainer's learning rate (parameters not named: 1)."""
+
+    def optimizer_groups(self) -> list[dict]:
+        """Adam parameter groups, one per parameter, each with its `lr_scale` (see `lr_scales`)."""
+        return [{"params": [p], "name": n, "lr_scale": float(self.lr_scales.get(n, 1.0))}
+                for n, p in self.named_parameters()]
+
     def before_step(self) -> None:
         """Called after backward, before the optimiser step (e.g. project gradients)."""
 
