@@ -55,11 +55,10 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         return out
     manifest = shards.read_manifest(features_dir)
     with atomic_dir(out, fp, features=str(features_dir)) as tmp:
-        timings = build_site(cfg, manifest, features_dir, tmp, metrics_path=run_dir / "sae" / "metrics.jsonl",
-                             onnx_dir=onnx_dir if onnx_dir.exists() else None)
+        build_site(cfg, manifest, features_dir, tmp, metrics_path=run_dir / "sae" / "metrics.jsonl",
+                   onnx_dir=onnx_dir if onnx_dir.exists() else None)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"build: wrote {out} ({manifest['n_features']:,} feature pages, {size / 1e6:,.0f} MB, "
-          f"{sum(timings.values()):.0f} s)")
+    print(f"build: wrote {out} ({manifest['n_features']:,} feature pages, {size / 1e6:,.0f} MB)")
     return out
 
 

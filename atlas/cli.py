@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 
 from atlas.errors import AtlasError
 
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
             import_sae.run(cfg, args.path, force=args.force)
         for name in {"all": list(STAGES), "import-sae": ["analyze", "export", "build"]}.get(args.command, [args.command]):
+            t0 = time.perf_counter()
             importlib.import_module(STAGES[name]).run(cfg, force=args.force)
+            if distributed.rank_and_world()[0] == 0:
+                print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     except AtlasError as e:
         print(f"atlas {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
