@@ -318,7 +318,7 @@ def main() -> None:
         "(SAELens's saved inference SAE read with atlas.saes.load_sae) on the store's held-out contexts, BOS left "
         "out; 'dead' = never fired on those tokens (and, second row, on the first training tokens), the same "
         "definition for both. Ours: TopK + AuxK (aux_k from the config, coefficient 1/32, FVU-normalised), "
-        "unit-norm decoder, b_dec at the geometric median. SAELens "
+        "unit-norm decoder, b_dec at the geometric median, W_dec, b_enc and b_dec at 10x the configured lr. SAELens "
         f"{(results[0].get('saelens_cfg') or {}).get('metadata', {}).get('sae_lens_version', '?')}: its SAETrainer "
         "and TopKTrainingSAE at their defaults (AuxK with k_aux = d_in/2, coefficient 1; decoder init norm 0.1; "
         "rescale_acts_by_decoder_norm; grad-norm clip 1; expected_average_only_in input scaling), with our "

@@ -3,6 +3,7 @@ into README.md between the bench markers, with the date and the machine they wer
 
 Each bench_*.py writes runs/bench/<name>.json: {"title", "columns", "rows", "notes"}.
     python tests/bench/run_all.py [name ...]    # e.g. collect train; default: all
+    python tests/bench/run_all.py --report      # only rewrite the README table from runs/bench/*.json
 """
 
 from __future__ import annotations
@@ -66,4 +67,5 @@ def main(names: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ORDER))
+    args = sys.argv[1:]
+    sys.exit(main([] if args == ["--report"] else args or ORDER))
