@@ -52,8 +52,9 @@ def main(names: list[str]) -> int:
     sections = [f"Measured by `make bench` on {time.strftime('%Y-%m-%d')}, {machine()}.", ""]
     for name in ORDER:
         path = ROOT / "runs" / "bench" / f"{name}.json"
-        if path.exists():
-            sections += [table(json.loads(path.read_text())), ""]
+        result = json.loads(path.read_text()) if path.exists() else {}
+        if "title" in result:
+            sections += [table(result), ""]
     readme = ROOT / "README.md"
     text = readme.read_text()
     if START in text and END in text:
