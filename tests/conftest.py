@@ -29,19 +29,23 @@ def pytest_report_header(config):
         return "NOTICE: chromium not found; browser tests will be skipped (apt-get install chromium to run them)"
 
 
-@pytest.fixture
-def tiny_config(tiny_world, tmp_path, monkeypatch):
-    """Write configs/tiny.yaml into a fresh folder pointing at the tiny world, chdir there, return its path.
-
-    Runs then land in tmp_path/runs/tiny/. Call `tiny_config.with_(key=value, ...)`-style overrides by
-    passing `--set` to the CLI, or edit the YAML.
-    """
+def tiny_yaml(tiny_world: Path, folder: Path, **sections) -> Path:
+    """Write configs/tiny.yaml pointing at the tiny world into `folder`; `sections` update its sections."""
     import yaml
 
     raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     raw["model"]["name"] = str(tiny_world / "model")
     raw["corpus"]["dataset"] = str(tiny_world / "corpus.jsonl")
-    path = tmp_path / "tiny.yaml"
+    for name, values in sections.items():
+        raw[name].update(values)
+    path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
     return path
+
+
+@pytest.fixture
+def tiny_config(tiny_world, tmp_path, monkeypatch):
+    """configs/tiny.yaml in a fresh folder, pointing at the tiny world; the test runs in that folder,
+    so runs land in tmp_path/runs/tiny/. Override values with the CLI's `--set`."""
+    monkeypatch.chdir(tmp_path)
+    return tiny_yaml(tiny_world, tmp_path)

@@ -11,7 +11,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 import atlas.analyze as analyze
 from atlas.cli import main
@@ -22,7 +21,6 @@ from atlas.saes import load_sae
 from atlas.shards import read_feature, read_manifest, read_vocab
 from atlas.store import ActivationStore
 
-ROOT = Path(__file__).resolve().parent.parent
 _REAL_ITER, _REAL_BATCHES = ActivationStore.iter_batches, analyze.Spill.batches
 D_SAE, K = 96, 6
 
@@ -56,14 +54,11 @@ def tiny_run(tiny_world, tmp_path_factory):
     """A folder with tiny.yaml, runs/tiny/activations.h5 (collected) and runs/tiny/sae/."""
     import os
 
+    from conftest import tiny_yaml
+
     root = tmp_path_factory.mktemp("analyze")
-    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    raw["model"]["name"] = str(tiny_world / "model")
-    raw["corpus"]["dataset"] = str(tiny_world / "corpus.jsonl")
-    raw["corpus"]["n_tokens"] = 8192
-    raw["sae"].update(d_sae=D_SAE, k=K)
-    raw["analyze"].update(batch_tokens=1000, checkpoint_every=1)  # batches that straddle contexts
-    (root / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    tiny_yaml(tiny_world, root, corpus={"n_tokens": 8192}, sae={"d_sae": D_SAE, "k": K},
+              analyze={"batch_tokens": 1000, "checkpoint_every": 1})  # batches that straddle contexts
     cwd = os.getcwd()
     os.chdir(root)
     try:

@@ -99,13 +99,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     try:
         cfg = load_config("tiny.yaml", [s for s in SETTINGS if s != "--set"])
 
-        def interrupting(real, after):
-            def gen(*args, **kwargs):
-                for i, item in enumerate(real(*args, **kwargs)):
-                    if i == after:
-                        raise KeyboardInterrupt
-                    yield item
-            return gen
+        from test_analyze import _interrupting as interrupting
 
         real_iter, real_batches = ActivationStore.iter_batches, analyze.Spill.batches
         mine = Path(folder) / "runs" / "tiny" / "features.partial" / f"rank{rank}-of-{world}" / "state.pt"

@@ -12,15 +12,10 @@ from atlas.cli import main
 def built_tiny_run(tiny_world, tmp_path_factory):
     import os
 
-    import yaml
-
-    from conftest import ROOT
+    from conftest import tiny_yaml
 
     work = tmp_path_factory.mktemp("pipeline")
-    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    raw["model"]["name"] = str(tiny_world / "model")
-    raw["corpus"]["dataset"] = str(tiny_world / "corpus.jsonl")
-    (work / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    tiny_yaml(tiny_world, work)
     cwd = os.getcwd()
     os.chdir(work)
     try:
