@@ -16,6 +16,17 @@ def tiny_world(tmp_path_factory) -> Path:
     return build_tiny_world(tmp_path_factory.mktemp("tiny-world"))
 
 
+@pytest.fixture
+def one_thread():
+    """Small matrices: one torch thread is faster, and immune to a busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def browser():
     if chromium_path() is None:

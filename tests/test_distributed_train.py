@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from atlas.cli import main
-from atlas.config import SAEConfig, TrainConfig
+from atlas.config import SAEConfig
 from atlas.errors import AtlasError
 from atlas.train import CKPT_FILE, LOG_FILE, tensor_stream, train_sae
 
@@ -78,14 +78,7 @@ def test_torchrun_train_matches_single_process(tiny_config, tmp_path):
 
 # ---- in-process: resume, and every architecture's per-step state ----------------------------
 
-def _data(n=4096, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 8, generator=g) @ torch.randn(8, d, generator=g) + 1.0
-
-
-TOPK = SAEConfig(architecture="topk", d_sae=64, k=4, aux_k=16)
-TC = TrainConfig(batch_size=128, n_tokens=128 * 60, lr=3e-3, warmup_steps=5, checkpoint_every=20,
-                 dead_after_tokens=2000)
+from test_train import SAE as TOPK, TC, data as _data  # noqa: E402  the single-process tests' setup
 OTHERS = {
     "batchtopk": SAEConfig(architecture="batchtopk", d_sae=64, k=4, aux_k=16),
     "relu": SAEConfig(architecture="relu", d_sae=64, l1_coefficient=5.0, resample_dead=True),  # revives latents

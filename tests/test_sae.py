@@ -13,13 +13,7 @@ from atlas.saes.fused import sparse_decode, topk_encode
 from atlas.train import tensor_stream, train_sae
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread is faster, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(n=16384, d_in=32, n_atoms=48, active=3, noise=0.01, seed=0):

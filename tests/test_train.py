@@ -12,12 +12,7 @@ from atlas.errors import AtlasError
 from atlas.train import CKPT_FILE, LOG_FILE, RowStream, geometric_median, lr_at, tensor_stream, train_sae
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n=4096, d=16, seed=0):
