@@ -26,10 +26,11 @@ and activations above the guessed max would fall outside every interval.
 
 Then, per feature: logit effects (W_dec @ W_U, top and bottom `n_logits`), decoder-cosine
 neighbours (computed in blocks of rows, never d_sae x d_sae), 2-D map coordinates
-(atlas/featuremap.py) and a label (atlas/labels.py). Output is written to `features/` through
-atlas.stage.atomic_dir as zstd Parquet shards (schemas in atlas/shards.py), `vocab.parquet`, and
-`manifest.json` last. The streaming state is checkpointed every `checkpoint_every` batches to
-`features.partial/state.pt`; an interrupted run continues from there.
+(atlas/featuremap.py) and a label with its score on held-out contexts (atlas/labels.py,
+atlas/label_scores.py). Output is written to `features/` through atlas.stage.atomic_dir as
+zstd Parquet shards (schemas in atlas/shards.py), `vocab.parquet`, and `manifest.json` last.
+The streaming state is checkpointed every `checkpoint_every` batches to `features.partial/state.pt`;
+an interrupted run continues from there.
 """
 
 from __future__ import annotations
@@ -46,14 +47,15 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from atlas import distributed
+from atlas import distributed, label_data, label_scores
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
 from atlas.featuremap import UMAP_MIN_FEATURES, map_coordinates, unit_rows
 from atlas.labels import Evidence, get_explainer
 from atlas.shards import (EXAMPLES_SCHEMA, FEATURES_SCHEMA, SCHEMA_VERSION, VOCAB_SCHEMA, shard_name,
                           write_table)
-from atlas.stage import atomic_dir, fingerprint, is_current, upstream_fingerprint
+from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, require_finite, rerun, sae_digest,
+                         sha256_file, source_digest)
 
 PARTIAL_SUFFIX = ".partial"
 _NEG = float("-inf")
@@ -66,14 +68,16 @@ _NEG = float("-inf")
 def run(cfg: RunConfig, force: bool = False) -> Path:
     a = cfg.analyze
     store_path, sae_dir, out = cfg.run_dir / "activations.h5", cfg.run_dir / "sae", cfg.run_dir / "features"
-    fp = fingerprint(cfg.section_hash("analyze"), upstream_fingerprint(store_path, "collect"),
-                     upstream_fingerprint(sae_dir, "train"))
+    inputs = {"store": input_digest(store_path, "collect", cfg), "sae": sae_digest(cfg),
+              "sae_metrics": sha256_file(sae_dir / "metrics.json") if (sae_dir / "metrics.json").exists() else "none",
+              "model": source_digest(cfg.model.name) + "@" + cfg.model.revision}  # W_U and the vocabulary
+    fp = fingerprint(cfg.section_hash("analyze"), *inputs.values())
     if is_current(out, fp) and not force:
         print(f"analyze: {out} is up to date")
         return out
     rank, world = distributed.rank_and_world()
     main = rank == 0
-    get_explainer(a.explainer)  # fail on a bad name before hours of work
+    get_explainer(a.explainer, a, cfg.run_dir / "llm-cache")  # fail on a bad name or setting before hours of work
 
     from atlas.model import load_model, resolve_device
     from atlas.saes import load_sae
@@ -89,7 +93,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     w_u, vocab, error = None, [], None
     if main:  # W_U and vocab (rank 0 writes the output); fail early, on every rank
         try:
-            loaded = load_model(cfg.model.name, cfg.model.revision, "cpu", "float32")
+            loaded = load_model(cfg.model.name, cfg.model.revision, "cpu", "float32", gguf_file=cfg.model.gguf_file)
             w_u = loaded.unembedding()
             vocab = vocab_texts(loaded.tokenizer)
             del loaded
@@ -101,16 +105,21 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             raise AtlasError(f"rank 0 failed: {msg}")
     if error is not None:
         raise error
-    with ActivationStore(store_path) as store:
+    with ActivationStore(store_path, rerun("collect", cfg)) as store:
         sae = load_sae(sae_dir, device)
+        require_finite(sae.state_dict(), sae_dir / "sae_weights.safetensors",
+                       f"run `{rerun('train', cfg)} --force` to retrain it, or import a finite SAE")
         w_dec = sae.W_dec.detach().float()
         if w_dec.shape[1] != store.d_model:
             raise AtlasError(f"{sae_dir}: SAE d_in {w_dec.shape[1]} does not match the store's d_model {store.d_model}")
         # With torchrun every rank streams its own rows; the merged result is complete on rank 0.
         stream = analyze_stream(store, sparse_encoder(sae), w_dec.shape[0], a, partial, fp, device)
         if main:
-            with atomic_dir(out, fp, stage="analyze") as tmp:
-                manifest = write_features(tmp, stream, w_dec, w_u, vocab, a, store.tokens, device)
+            _require_finite_stream(stream, sae_dir)
+            labelling = label_data.prepare(store, sparse_encoder(sae), w_dec.shape[0], a, vocab, device,
+                                           cfg.run_dir / "llm-cache")
+            with atomic_dir(out, fp, stage="analyze", inputs=inputs, rerun=rerun("analyze", cfg)) as tmp:
+                manifest = write_features(tmp, stream, w_dec, w_u, vocab, a, store.tokens, device, labelling)
                 manifest.update(run_metadata(cfg, store, sae_dir, w_u is not None))
                 if world > 1:
                     manifest["processes"] = world
@@ -122,6 +131,15 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
               + (f", {world} processes" if world > 1 else "") + ")")
     distributed.barrier()
     return out
+
+
+def _require_finite_stream(s: "StreamResult", sae_dir: Path) -> None:
+    """Finite activations and weights can still overflow float32 in the encoder: stop, never publish inf."""
+    bad = ~(torch.isfinite(s.max_act) & torch.isfinite(s.sum_act))
+    if bad.any():
+        f = int(bad.nonzero()[0, 0])
+        raise AtlasError(f"{sae_dir}: the SAE's activations overflow on {int(bad.sum()):,} features (feature {f}: "
+                         f"max {float(s.max_act[f])}); its weights are too large for float32")
 
 
 def sparse_encoder(sae):
@@ -687,10 +705,13 @@ def vocab_texts(tokenizer) -> list[str]:
 
 
 def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: list[str], a,
-                   tokens: np.ndarray, device: torch.device = torch.device("cpu")) -> dict:
+                   tokens: np.ndarray, device: torch.device = torch.device("cpu"),
+                   labelling: "label_data.LabelData | None" = None) -> dict:
     """Write the shards and vocab.parquet into `out`; return the manifest's shard/analysis keys.
 
-    Logit effects and neighbours are computed on `device`; everything else on the CPU."""
+    Logit effects and neighbours are computed on `device`; everything else on the CPU. Labels are
+    chosen and scored on `labelling`'s splits (without it, rule explainers fall back to top-tokens
+    and labels go unscored)."""
     d_sae = w_dec.shape[0]
     flat_tokens = torch.from_numpy(np.ascontiguousarray(tokens).reshape(-1).astype(np.int32))
     t0 = time.perf_counter()
@@ -723,7 +744,8 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
     w = s.windows
     win_tokens = flat_tokens[_window_rows(w.start_row, w.offsets)]
 
-    labels = _labels(a, s, ex_feat, ex_row, flat_tokens, L, w, win_tokens, vocab, is_dead, density, top_ids)
+    labelled = _labels(a, s, ex_feat, ex_row, flat_tokens, L, w, win_tokens, vocab, is_dead, density, top_ids,
+                       labelling)
 
     ex_bounds = torch.searchsorted(ex_feat, torch.arange(0, d_sae + a.shard_size, a.shard_size).clamp_max(d_sae))
     n_shards = (d_sae + a.shard_size - 1) // a.shard_size
@@ -739,8 +761,7 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
 
         feats = pa.table({
             "feature_id": pa.array(fids, pa.int32()),
-            "label": labels[f0:f1],
-            "label_source": [a.explainer] * (f1 - f0),
+            **labelled.columns(f0, f1),
             "n_fired": n_fired[f0:f1].numpy(),
             "density": density[f0:f1].float().numpy(),
             "mean_act": mean_act[f0:f1].float().numpy(),
@@ -789,39 +810,52 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
         "has_logits": w_u is not None,
         "map_method": "pca" if d_sae < UMAP_MIN_FEATURES else a.map_method,
         "label_source": a.explainer,
+        "label_scores": {**labelled.summary(), **_split_facts(labelling)},
         "analyze": asdict(a),
         "postprocess_seconds": round(t_post, 2),
     }
 
 
 def _labels(a, s: StreamResult, ex_feat, ex_row, flat_tokens, L: int, w: Windows, win_tokens, vocab,
-            is_dead, density, top_ids, chunk: int = 1024) -> list[str]:
-    """Labels from the explainer, asked in chunks of features so the evidence stays small."""
-    explainer = get_explainer(a.explainer)
+            is_dead, density, top_ids, labelling: "label_data.LabelData | None",
+            chunk: int = 1024) -> label_scores.Labelled:
+    """Labels from the explainer, asked in chunks of features so the evidence stays small, each
+    scored on the score split (atlas/label_scores.py). The explainer never sees examples from the
+    score split's contexts: those are the ones its labels are scored on."""
+    explainer = get_explainer(a.explainer, a, labelling.cache_dir if labelling else None)
     d_sae = s.top_pos.shape[0]
     ex_start = torch.searchsorted(ex_feat, torch.arange(d_sae + 1)).numpy()
     n_top = (s.top_pos >= 0).sum(1).numpy()  # a feature's top examples come first among its rows
     rows, tokens = ex_row.numpy(), flat_tokens.numpy()
     offsets, acts, wt = w.offsets.numpy(), w.acts.numpy(), win_tokens.numpy()
-    labels: list[str] = []
-    for c0 in range(0, d_sae, chunk):
-        evidence = []
-        for f in range(c0, min(c0 + chunk, d_sae)):
-            e0, e1 = ex_start[f], ex_start[f] + n_top[f]
-            r = rows[e0:e1]
-            evidence.append(Evidence(
-                f, bool(is_dead[f]), float(density[f]), float(s.max_act[f]),
-                top_token_ids=tokens[r].tolist(),
-                prev_token_ids=np.where(r % L > 0, tokens[np.maximum(r - 1, 0)], -1).tolist(),
-                windows=[wt[offsets[e]:offsets[e + 1]].tolist() for e in range(e0, e1)],
-                window_acts=[acts[offsets[e]:offsets[e + 1]].tolist() for e in range(e0, e1)],
-                top_logit_ids=top_ids[f].tolist(),
-            ))
-        got = explainer.explain(evidence, vocab)
-        if len(got) != len(evidence):
-            raise AtlasError(f"explainer '{a.explainer}' returned {len(got)} labels for {len(evidence)} features")
-        labels += [str(x) for x in got]
-    return labels
+    seen = ~labelling.hidden(rows) if labelling else np.ones(len(rows), bool)
+
+    def evidence(f: int) -> Evidence:
+        top = [e for e in range(ex_start[f], ex_start[f] + n_top[f]) if seen[e]]
+        samples = [e for e in range(ex_start[f] + n_top[f], ex_start[f + 1]) if seen[e]]
+        r = rows[top]
+        return Evidence(
+            f, bool(is_dead[f]), float(density[f]), float(s.max_act[f]),
+            top_token_ids=tokens[r].tolist(),
+            prev_token_ids=np.where(r % L > 0, tokens[np.maximum(r - 1, 0)], -1).tolist(),
+            windows=[wt[offsets[e]:offsets[e + 1]].tolist() for e in top],
+            window_acts=[acts[offsets[e]:offsets[e + 1]].tolist() for e in top],
+            top_logit_ids=top_ids[f].tolist(),
+            sample_windows=[wt[offsets[e]:offsets[e + 1]].tolist() for e in samples],
+            sample_acts=[acts[offsets[e]:offsets[e + 1]].tolist() for e in samples],
+            choose=labelling.choose if labelling else None,
+        )
+
+    chunks = ([evidence(f) for f in range(c0, min(c0 + chunk, d_sae))] for c0 in range(0, d_sae, chunk))
+    return label_scores.label_all(explainer, chunks, vocab, labelling)
+
+
+def _split_facts(labelling: "label_data.LabelData | None") -> dict:
+    """The manifest's description of the label splits: their sizes and encoding times."""
+    if labelling is None:
+        return {"choose_tokens": 0, "score_tokens": 0}
+    return {"choose_tokens": labelling.choose.n, "score_tokens": labelling.score.n,
+            "seconds": {k: round(v, 2) for k, v in labelling.seconds.items()}}
 
 
 def run_metadata(cfg: RunConfig, store, sae_dir: Path, has_logits: bool) -> dict:

@@ -33,7 +33,8 @@ from markupsafe import Markup
 from atlas import pages, search_index, shards
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
-from atlas.stage import atomic_dir, fingerprint, is_current, upstream_fingerprint
+from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, read_stamp, rerun, sae_digest,
+                         sha256_file)
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_SRC = ROOT / "site_src"
@@ -46,20 +47,62 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     """Build runs/<name>/site from the run's features (skipped when already current)."""
     run_dir = cfg.run_dir
     features_dir, onnx_dir, out = run_dir / "features", run_dir / "onnx", run_dir / "site"
-    upstream = [upstream_fingerprint(features_dir, "analyze")]
-    if onnx_dir.exists():
-        upstream.append(upstream_fingerprint(onnx_dir, "export"))
-    fp = fingerprint(cfg.section_hash("build"), *upstream, _source_hash())
+    metrics = run_dir / "sae" / "metrics.jsonl"
+    inputs = {"features": input_digest(features_dir, "analyze", cfg),
+              "onnx": input_digest(onnx_dir, "export", cfg) if onnx_dir.exists() else "none",
+              "metrics": sha256_file(metrics) if metrics.exists() else "none", "source": _source_hash()}
+    _require_same_sae(cfg, [(features_dir, "analyze"), (onnx_dir, "export")])
+    fp = fingerprint(cfg.section_hash("build"), *inputs.values())
     if not force and is_current(out, fp):
         print(f"build: {out} is up to date")
         return out
     manifest = shards.read_manifest(features_dir)
-    with atomic_dir(out, fp, features=str(features_dir)) as tmp:
-        build_site(cfg, manifest, features_dir, tmp, metrics_path=run_dir / "sae" / "metrics.jsonl",
+    _require_finite_features(features_dir, cfg)
+    with atomic_dir(out, fp, stage="build", inputs=inputs, rerun=rerun("build", cfg)) as tmp:
+        build_site(cfg, manifest, features_dir, tmp, metrics_path=metrics,
                    onnx_dir=onnx_dir if onnx_dir.exists() else None)
+        n_pages = sum(1 for _ in (tmp / "features").glob("*/index.html"))
+        if n_pages != manifest["n_features"]:
+            raise AtlasError(f"{features_dir / 'manifest.json'}: {manifest['n_features']:,} features, but the shards "
+                             f"hold {n_pages:,}; run `{rerun('analyze', cfg)} --force`")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"build: wrote {out} ({manifest['n_features']:,} feature pages, {size / 1e6:,.0f} MB)")
     return out
+
+
+def _require_same_sae(cfg: RunConfig, outputs: list[tuple[Path, str]]) -> None:
+    """Pages and the browser's encoder must describe the run's current SAE, never a mix of two."""
+    sae_dir = cfg.run_dir / "sae"
+    if read_stamp(sae_dir) is None:
+        return  # features published without their SAE
+    current = sae_digest(cfg)
+    for path, stage in outputs:
+        made_from = ((read_stamp(path) or {}).get("inputs") or {}).get("sae")
+        if made_from and made_from != current:
+            raise AtlasError(f"{path}: made from an earlier {sae_dir}; run `{rerun(stage, cfg)}` first")
+
+
+FINITE_COLUMNS = ("density", "mean_act", "max_act", "map_x", "map_y", "hist_edges", "interval_edges",
+                  "top_logit_values", "bottom_logit_values", "neighbour_cosines")
+
+
+def _require_finite_features(features_dir: Path, cfg: RunConfig) -> None:
+    """A page shows numbers; NaN or inf in a shard is a broken analysis, not something to render."""
+    import pyarrow as pa
+
+    for path in sorted(features_dir.glob("features-*.parquet")):
+        table = shards.read_table(path, shards.FEATURES_SCHEMA)
+        ids = table.column("feature_id").to_numpy()
+        for name in FINITE_COLUMNS:
+            col = table.column(name).combine_chunks()
+            if pa.types.is_list(col.type):
+                values, owner = col.values.to_numpy(zero_copy_only=False), col.value_parent_indices().to_numpy()
+            else:
+                values, owner = col.to_numpy(zero_copy_only=False), np.arange(len(col))
+            bad = ~np.isfinite(values)
+            if bad.any():
+                raise AtlasError(f"{path}: feature {ids[owner[bad.argmax()]]} has {name} = {values[bad][0]}; "
+                                 f"run `{rerun('analyze', cfg)} --force`")
 
 
 def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *, metrics_path: Path | None = None,
@@ -131,11 +174,14 @@ def build_shell(docs: Path, site: Path, cfg: RunConfig) -> None:
     from mkdocs.config import load_config
     from mkdocs.exceptions import MkDocsException
 
+    # The theme puts site_name into every page, mostly without escaping it: hand it over as markup
+    # already escaped (templates that do escape leave Markup alone, so nothing is escaped twice).
+
     for name in ("mkdocs", "material"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         mk = load_config(config_file=str(MKDOCS_YML), docs_dir=str(Path(docs).resolve()), site_dir=str(Path(site).resolve()),
-                         site_name=cfg.build.title, site_url=cfg.build.site_url or None)
+                         site_name=Markup.escape(cfg.build.title), site_url=cfg.build.site_url or None)
         build(mk)
     except MkDocsException as e:
         raise AtlasError(f"{MKDOCS_YML}: MkDocs failed: {e}") from None
@@ -171,7 +217,29 @@ def home_view(cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, 
     values = manifest.get("metrics") or {}
     metric_rows = [(name, pages.fmt_num(float(values[k])), METRIC_HELP.get(k, ""))
                    for k, name in METRIC_NAMES.items() if isinstance(values.get(k), (int, float))]
-    return {"title": cfg.build.title, "glance": glance, "metrics": metric_rows, "curves": curves(metrics)}
+    return {"title": cfg.build.title, "glance": glance, "metrics": metric_rows, "curves": curves(metrics),
+            "scores": score_distribution(table, manifest)}
+
+
+def score_distribution(table: search_index.FeatureTable, manifest: dict, bins: int = 10, width: int = 320,
+                       height: int = 100) -> dict | None:
+    """The home page's histogram of label scores (F1 on held-out text) over the live features."""
+    live = ~table.is_dead
+    f1 = table.label_f1[live]
+    scored = f1[np.isfinite(f1)]
+    if not len(scored):
+        return None
+    counts, _ = np.histogram(scored, bins=bins, range=(0.0, 1.0))
+    bw = width / bins
+    top = max(int(counts.max()), 1)
+    bars = [{"x": f"{i * bw + 1:.0f}", "w": f"{bw - 2:.0f}", "y": f"{height - height * c / top:.0f}",
+             "h": f"{height * c / top:.0f}", "title": f"{i / bins:.1f}–{(i + 1) / bins:.1f}: {c:,} features"}
+            for i, c in enumerate(counts.tolist())]
+    ls = manifest.get("label_scores") or {}
+    return {"bars": bars, "width": width, "height": height, "median": f"{np.median(scored):.2f}",
+            "at_least_half": pages.fmt_pct(float((scored >= 0.5).mean())), "n_scored": f"{len(scored):,}",
+            "n_unscored": f"{int(live.sum()) - len(scored):,}", "source": manifest.get("label_source", ""),
+            "score_tokens": f"{ls['score_tokens']:,}" if isinstance(ls.get("score_tokens"), int) else ""}
 
 
 METRIC_NAMES = {"explained_variance": "Explained variance", "l0": "L0", "mse": "MSE",
@@ -210,36 +278,49 @@ def curves(metrics: list[dict], width=320, height=120) -> list[dict]:
     return out
 
 
-def notable_ids(table: search_index.FeatureTable, top_token: np.ndarray, consistency: np.ndarray, n=24) -> list[int]:
-    """Interpretable-looking features: alive, moderately sparse, strong, one token dominating their top examples."""
-    d, live = table.density, ~(table.is_dead | table.is_dense)
-    moderate = (d > 1e-5) & (d < 2e-2)
-    score = consistency[table.ids] * np.log1p(np.maximum(table.max_act, 0)) * live * (moderate + 0.25)
-    order = np.argsort(-score, kind="stable")[:n]
-    return [int(table.ids[i]) for i in order if score[i] > 0]
+NOTABLE_MIN_FIRED = 10
+"""Held-out firings a feature needs before the notable page trusts its score either way."""
+
+
+def notable_ids(table: search_index.FeatureTable, n: int = 24, vague: bool = False) -> list[int]:
+    """The best-labelled features (the measured "high monosemanticity"): alive, not dense, scored on
+    at least NOTABLE_MIN_FIRED held-out firings, highest label F1 first (ties: stronger max activation).
+    With `vague`, the worst-labelled such features instead, lowest F1 first."""
+    ok = ~(table.is_dead | table.is_dense) & np.isfinite(table.label_f1) & (table.heldout_fired >= NOTABLE_MIN_FIRED)
+    f1 = np.where(ok, table.label_f1, np.nan)
+    key = f1 if vague else -f1
+    order = np.lexsort((-table.max_act, np.nan_to_num(key, nan=np.inf)))
+    return [int(table.ids[i]) for i in order[:n] if ok[i]]
 
 
 def fill_notable(site: Path, features_dir: Path, manifest: dict, table, top_token, consistency, facts) -> None:
     path = site / "notable.html"
     if not path.exists():
         return
-    ids = notable_ids(table, top_token, consistency)
     vocab_html = [pages.html.escape(pages.display_token(t)) for t in facts.vocab]
     index = {int(i): k for k, i in enumerate(table.ids)}
-    cards = []
-    for rank, fid in enumerate(ids):
+
+    def card(fid: int, with_examples: bool) -> dict:
         k = index[fid]
         t = int(top_token[fid])
-        card = {"id": fid, "label": table.labels[k], "density": pages.fmt_pct(table.density[k]),
-                "max_act": pages.fmt_num(table.max_act[k]), "consistency": f"{100 * consistency[fid]:.0f}%",
-                "token": pages.display_token(facts.vocab[t]) if 0 <= t < len(facts.vocab) else "", "examples": []}
-        if rank < 6:  # case studies: show their strongest contexts
+        c = {"id": fid, "label": table.labels[k], "density": pages.fmt_pct(table.density[k]),
+             "max_act": pages.fmt_num(table.max_act[k]), "consistency": f"{100 * consistency[fid]:.0f}%",
+             "token": pages.display_token(facts.vocab[t]) if 0 <= t < len(facts.vocab) else "", "examples": [],
+             "score": None, "f1": f"{table.label_f1[k]:.2f}"}
+        if with_examples:  # case studies: their score in words and their strongest contexts
             rec = shards.read_feature(features_dir, fid, manifest)
+            r = rec.row
+            c["score"] = pages.score_view(r["label_precision"], r["label_recall"], r["label_f1"], r["label_matched"],
+                                          r["heldout_fired"], r["label_scoring"], r["is_dead"])
             top = sorted((e for e in rec.examples if e["kind"] == "top"), key=lambda e: e["rank"])[:3]
-            card["examples"] = [Markup(pages.token_markup(vocab_html, e["token_ids"], e["acts"], rec.row["max_act"],
-                                                          e["offset"] - e["window_start"])) for e in top]
-        cards.append(card)
-    html = pages.jinja_env().get_template("notable.html").render(cards=cards)
+            c["examples"] = [Markup(pages.token_markup(vocab_html, e["token_ids"], e["acts"], r["max_act"],
+                                                       e["offset"] - e["window_start"])) for e in top]
+        return c
+
+    best = [card(fid, rank < 6) for rank, fid in enumerate(notable_ids(table))]
+    vague = [card(fid, False) for fid in notable_ids(table, 12, vague=True)]
+    html = pages.jinja_env().get_template("notable.html").render(cards=best, vague=vague,
+                                                                 min_fired=NOTABLE_MIN_FIRED)
     text = path.read_text(encoding="utf-8")
     text = text.replace(f"<p>{NOTABLE_MARK}</p>", html).replace(NOTABLE_MARK, html)
     path.write_text(text, encoding="utf-8")

@@ -1,9 +1,14 @@
-"""The `atlas` command: one subcommand per pipeline stage, each reading a run config."""
+"""The `atlas` command: one subcommand per pipeline stage, each reading a run config.
+
+Every failure the user can cause or meet (bad input, a damaged run, a full disk) ends as one line
+on stderr and a non-zero exit; a command holds the run's lock while it writes (atlas/stage.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -36,26 +41,44 @@ def main(argv: list[str] | None = None) -> int:
 
     from atlas import distributed
     from atlas.config import load_config
+    from atlas.stage import os_error, run_lock
 
     try:
         cfg = load_config(args.config, args.overrides)
         distributed.init()
-        if args.command == "import-sae":
-            from atlas import import_sae
+        with run_lock(cfg.run_dir, args.command):
+            if args.command == "import-sae":
+                from atlas import import_sae
 
-            import_sae.run(cfg, args.path, force=args.force)
-        for name in {"all": list(STAGES), "import-sae": ["analyze", "export", "build"]}.get(args.command, [args.command]):
-            t0 = time.perf_counter()
-            importlib.import_module(STAGES[name]).run(cfg, force=args.force)
-            if distributed.rank_and_world()[0] == 0:
-                print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+                import_sae.run(cfg, args.path, force=args.force)
+            for name in {"all": list(STAGES), "import-sae": ["analyze", "export", "build"]}.get(args.command,
+                                                                                              [args.command]):
+                t0 = time.perf_counter()
+                importlib.import_module(STAGES[name]).run(cfg, force=args.force)
+                if distributed.rank_and_world()[0] == 0:
+                    print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     except AtlasError as e:
+        _close_progress_bars()
         print(f"atlas {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a full disk, a folder we may not write, a file that vanished under us
+        if os.environ.get("ATLAS_DEBUG"):
+            raise
+        _close_progress_bars()
+        print(f"atlas {args.command}: error: {os_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"atlas {args.command}: interrupted; run it again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _close_progress_bars() -> None:
+    """End the bars a failed stage left open, so the error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 The work is cut into parts of `corpus.chunk_contexts` contexts. Each part is written atomically,
 so after a kill the next run skips the finished parts (re-tokenising the text they came from,
-which is cheap next to the forward pass) and continues with the first missing one. With
-`torchrun`, rank r takes the parts p with p % world_size == r; rank 0 finalises the store.
+which is cheap next to the forward pass) and continues with the first missing one; a part
+deleted or damaged after the store was finished is recomputed the same way. The fingerprint
+covers the model and corpus sections and the content of a local corpus file and model folder,
+so an edited corpus starts the store afresh. With `torchrun`, rank r takes the parts p with
+p % world_size == r; rank 0 finalises the store.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -24,8 +28,9 @@ from atlas.config import RunConfig
 from atlas.corpus import iter_contexts, iter_texts
 from atlas.errors import AtlasError
 from atlas.model import check_layer, load_model, resolve_device
-from atlas.stage import fingerprint, is_current
-from atlas.store import StoreInfo, finalize, finished_parts, parts_dir, tokenizer_hash, write_part
+from atlas.stage import fingerprint, is_current, source_digest
+from atlas.store import (StoreInfo, finalize, finished_parts, parts_dir, read_store_stamp, tokenizer_hash,
+                         write_part)
 
 FINGERPRINT_FILE = "fingerprint"
 
@@ -36,14 +41,15 @@ def store_path(cfg: RunConfig) -> Path:
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
     path = store_path(cfg)
-    fp = fingerprint(cfg.section_hash("model", "corpus"))
+    c = cfg.corpus
+    fp = fingerprint(cfg.section_hash("model", "corpus"), source_digest(cfg.model.name), source_digest(c.dataset))
     if is_current(path, fp) and not force:
         print(f"collect: {path} is up to date")
         return path
     device = resolve_device(cfg.model.device)
-    loaded = load_model(cfg.model.name, cfg.model.revision, str(device), cfg.model.dtype)
+    loaded = load_model(cfg.model.name, cfg.model.revision, str(device), cfg.model.dtype,
+                        gguf_file=cfg.model.gguf_file)
     check_layer(cfg.path, cfg.model.layer, loaded)
-    c = cfg.corpus
     contexts = iter_contexts(iter_texts(c), loaded.tokenizer, c.ctx_len, loaded.bos_token_id,
                              loaded.separator_token_id)
     first = next(contexts, None)  # fail on a missing or empty corpus before touching any output
@@ -95,7 +101,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
 
 
 def _prepare_parts(path: Path, fp: str, force: bool) -> None:
-    """Keep finished parts only if they were made from the same config; else start afresh."""
+    """Keep finished parts only if they were made from the same inputs and are intact; else start afresh."""
+    recorded = {Path(p["file"]).name: p["bytes"] for p in (read_store_stamp(path) or {"parts": []})["parts"]}
     if path.exists():
         path.unlink()
     d = parts_dir(path)
@@ -105,7 +112,22 @@ def _prepare_parts(path: Path, fp: str, force: bool) -> None:
     d.mkdir(parents=True, exist_ok=True)
     for tmp in d.glob("*.tmp*"):
         tmp.unlink()  # a part that a killed run was writing
+    for part in finished_parts(path).values():
+        if not _intact(part, recorded.get(part.name)):
+            print(f"collect: {part} is damaged; computing it again")
+            part.unlink()
     stamp.write_text(fp)
+
+
+def _intact(part: Path, size: int | None) -> bool:
+    """A part the store can use: the size the store recorded (if it did), readable, with its digest."""
+    if size is not None and part.stat().st_size != size:
+        return False
+    try:
+        with h5py.File(part, "r") as f:
+            return "digest" in f.attrs and "tokens" in f and "acts" in f
+    except OSError:
+        return False
 
 
 @torch.inference_mode()

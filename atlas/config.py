@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,12 +23,16 @@ import yaml
 from atlas.errors import ConfigError
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+WEB_QUANTIZATIONS = ("auto", "w8-emb4", "w8")
+"""export.quantization values: atlas.export.QUANTIZATIONS plus "auto" (kept equal by a test)."""
 
 
 @dataclass
 class ModelConfig:
     name: str = "gpt2"
-    """Hugging Face hub id or a local directory saved with `save_pretrained`."""
+    """Hugging Face hub id, a local directory saved with `save_pretrained`, or a `.gguf` file."""
+    gguf_file: str = ""
+    """A GGUF file inside `name` (a local directory or a hub repo), e.g. "model.Q4_1.gguf"."""
     revision: str = "main"
     layer: int = 8
     """Residual stream before block `layer` (`hidden_states[layer]`, `blocks.L.hook_resid_pre`)."""
@@ -62,6 +68,13 @@ class SAEConfig:
     aux_k: int = 512
     """Latents in the AuxK loss for dead latents (topk, batchtopk)."""
     aux_k_coefficient: float = 1 / 32
+    lr_scale_w_dec: float | None = None
+    """Multiplier of train.lr for W_dec (W_enc steps at train.lr itself); unset: the architecture's
+    default (topk 10, batchtopk 1, relu and jumprelu 1). Recorded in the saved cfg.json."""
+    lr_scale_b_enc: float | None = None
+    """The same for b_enc (default: topk and batchtopk 10, relu and jumprelu 1)."""
+    lr_scale_b_dec: float | None = None
+    """The same for b_dec (default: topk and batchtopk 10, relu and jumprelu 1)."""
     l1_coefficient: float = 5.0
     """Sparsity penalty (relu): lambda * sum_i f_i * ||W_dec_i||."""
     resample_dead: bool = False
@@ -108,8 +121,28 @@ class AnalyzeConfig:
     map_method: str = "umap"
     """"umap" or "pca" for the 2-D feature map."""
     seed: int = 0
-    explainer: str = "top-tokens"
-    """Which labeller writes feature labels (atlas/labels.py registry)."""
+    explainer: str = "best-rule"
+    """Which labeller writes feature labels (atlas/labels.py registry): "best-rule" (the best checkable
+    rule per feature, atlas/label_rules.py), "top-tokens", one rule kind ("token-set", "bigram",
+    "trigram", "after-token", "char-class"), or "openai-compatible" (an LLM; the explainer_* keys)."""
+    label_tokens: int = 262_144
+    """Tokens in each of the two label splits (alternating blocks of contexts, atlas/label_data.py):
+    rule explainers choose their rules on one, every label is scored on the other."""
+    explainer_base_url: str = ""
+    """openai-compatible: the API's base URL, e.g. http://localhost:11434/v1 (Ollama),
+    http://localhost:8080/v1 (llama.cpp server), http://localhost:8000/v1 (vLLM)."""
+    explainer_model: str = ""
+    """openai-compatible: the model name the endpoint serves."""
+    explainer_api_key_env: str = ""
+    """openai-compatible: the environment variable holding the API key ("" sends none)."""
+    explainer_concurrency: int = 4
+    """openai-compatible: requests in flight at once."""
+    explainer_retries: int = 5
+    """openai-compatible: retries of a failed request (exponential backoff, Retry-After honoured)."""
+    explainer_timeout: float = 120.0
+    """openai-compatible: seconds to wait for one answer."""
+    explainer_detection_contexts: int = 20
+    """openai-compatible: held-out contexts shown per feature for its detection score (half firing)."""
     skip_bos: bool = True
     """Leave out the BOS position of every context (its residual is an outlier that many features fire on)."""
     checkpoint_every: int = 50
@@ -119,13 +152,17 @@ class AnalyzeConfig:
 @dataclass
 class ExportConfig:
     top_k: int = 32
-    quantization: str = "int8-emb4"
-    """Web file weights (atlas.export.QUANTIZATIONS): "int8-emb4" (int8 MatMuls, 4-bit token
-    embedding; the default: fast and GPT-2 Small fits 100 MB), "int8" (dynamic int8 everywhere)
-    or "int4" (4-bit blockwise MatMul weights: smallest, ~2x slower in the browser)."""
+    quantization: str = "auto"
+    """Web file weights (atlas.export.QUANTIZATIONS; activations always stay float): "auto" keeps the
+    smallest mode that passes the parity gate below; "w8-emb4" (8-bit MatMul weights, 4-bit token
+    embedding: GPT-2 Small to layer 8 fits 100 MB) or "w8" (8 bits throughout, finer blocks)."""
     opset: int = 17
     parity_texts: int = 16
-    min_top1_agreement: float = 0.9
+    """Held-out contexts the web file is checked on against PyTorch (the store's last ones)."""
+    min_top1_agreement: float = 0.97
+    """The gate: share of tokens whose strongest latent in the web file is PyTorch's..."""
+    min_topk_overlap: float = 0.95
+    """...and mean share of PyTorch's active top-k latents the web file also has in its top k."""
 
 
 @dataclass
@@ -149,6 +186,8 @@ class RunConfig:
     build: BuildConfig = field(default_factory=BuildConfig)
     path: str = ""
     """The YAML file this config came from (not a key in the file)."""
+    overrides: tuple[str, ...] = ()
+    """The `--set` overrides applied to it, so a message can name the exact command to rerun."""
 
     @property
     def name(self) -> str:
@@ -170,6 +209,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("path")
+        d.pop("overrides")
         return d
 
 
@@ -177,9 +217,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `section.key=value` overrides and validate it."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -194,8 +240,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{path}: '{section}' must be a mapping")
-        raw[section][name] = yaml.safe_load(value) if value else ""
-    cfg = RunConfig(path=str(path))
+        try:
+            raw[section][name] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
+    cfg = RunConfig(path=str(path), overrides=tuple(overrides))
     for section, values in raw.items():
         if section not in _SECTIONS:
             raise ConfigError(f"{path}: unknown section '{section}' (known: {', '.join(_SECTIONS)})")
@@ -206,7 +255,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return cfg
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "path"}
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name not in ("path", "overrides")}
 _SECTIONS = {name: globals()[t] if isinstance(t, str) else t for name, t in _SECTIONS.items()}
 
 
@@ -231,6 +280,8 @@ def _coerce(path: Path, key: str, typ, value):
             pass
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: '{key}' must be a finite number, got {value!r}")
     if typ is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -247,6 +298,9 @@ def _validate(path: Path, cfg: RunConfig) -> None:
             raise ConfigError(f"{path}: '{key}' = {value!r}: {msg}")
 
     need(cfg.model.layer >= 0, "model.layer", "must be >= 0")
+    need(not cfg.model.gguf_file or cfg.model.gguf_file.endswith(".gguf"), "model.gguf_file", "must end in .gguf")
+    need(not (cfg.model.gguf_file and cfg.model.name.endswith(".gguf")), "model.gguf_file",
+         "model.name is a .gguf file already; set model.gguf_file only with a directory or hub repo")
     need(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", "must be float32, float16 or bfloat16")
     need(cfg.corpus.ctx_len >= 2, "corpus.ctx_len", "must be >= 2")
     need(cfg.corpus.n_tokens >= cfg.corpus.ctx_len, "corpus.n_tokens", "must hold at least one context")
@@ -257,7 +311,9 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(cfg.sae.architecture in ARCHITECTURES, "sae.architecture", f"must be one of {', '.join(ARCHITECTURES)}")
     need(cfg.sae.d_sae >= 1, "sae.d_sae", "must be >= 1")
     need(1 <= cfg.sae.k <= cfg.sae.d_sae, "sae.k", "must be between 1 and d_sae")
-    need(cfg.sae.aux_k >= 0, "sae.aux_k", "must be >= 0")
+    need(0 <= cfg.sae.aux_k <= cfg.sae.d_sae, "sae.aux_k", "must be between 0 and d_sae")
+    for key in ("lr_scale_w_dec", "lr_scale_b_enc", "lr_scale_b_dec"):
+        need(getattr(cfg.sae, key) is None or getattr(cfg.sae, key) > 0, f"sae.{key}", "must be > 0")
     need(cfg.sae.l1_coefficient >= 0, "sae.l1_coefficient", "must be >= 0")
     need(cfg.sae.b_dec_init in ("geometric_median", "mean", "zeros"), "sae.b_dec_init",
          "must be geometric_median, mean or zeros")
@@ -265,6 +321,11 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(cfg.train.n_tokens >= 0, "train.n_tokens", "must be >= 0")
     need(cfg.train.lr > 0, "train.lr", "must be > 0")
     need(0 <= cfg.train.decay_fraction <= 1, "train.decay_fraction", "must be in [0, 1]")
+    need(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(cfg.train.l1_warmup_steps >= 0, "train.l1_warmup_steps", "must be >= 0")
+    need(cfg.train.dead_after_tokens >= 1, "train.dead_after_tokens", "must be >= 1")
+    need(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    need(cfg.train.in_memory_max_gb >= 0, "train.in_memory_max_gb", "must be >= 0")
     need(cfg.analyze.n_top >= 1, "analyze.n_top", "must be >= 1")
     need(cfg.analyze.shard_size >= 1, "analyze.shard_size", "must be >= 1")
     need(cfg.analyze.histogram_bins >= 2, "analyze.histogram_bins", "must be >= 2")
@@ -275,6 +336,24 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(cfg.analyze.context_left >= 0, "analyze.context_left", "must be >= 0")
     need(cfg.analyze.context_right >= 0, "analyze.context_right", "must be >= 0")
     need(cfg.analyze.checkpoint_every >= 1, "analyze.checkpoint_every", "must be >= 1")
-    need(cfg.export.top_k >= 1, "export.top_k", "must be >= 1")
-    need(cfg.export.quantization in ("int8-emb4", "int8", "int4"), "export.quantization",
-         "must be int8-emb4, int8 or int4")
+    need(cfg.analyze.n_neighbours >= 0, "analyze.n_neighbours", "must be >= 0")
+    need(cfg.analyze.n_logits >= 0, "analyze.n_logits", "must be >= 0")
+    need(0 <= cfg.analyze.dense_threshold <= 1, "analyze.dense_threshold", "must be in [0, 1]")
+    need(cfg.analyze.label_tokens >= 0, "analyze.label_tokens", "must be >= 0")
+    need(cfg.analyze.explainer != "openai-compatible" or bool(cfg.analyze.explainer_base_url),
+         "analyze.explainer_base_url", "must be set for the openai-compatible explainer (e.g. http://localhost:11434/v1)")
+    need(cfg.analyze.explainer != "openai-compatible" or bool(cfg.analyze.explainer_model),
+         "analyze.explainer_model", "must be set for the openai-compatible explainer")
+    need(cfg.analyze.explainer_concurrency >= 1, "analyze.explainer_concurrency", "must be >= 1")
+    need(cfg.analyze.explainer_retries >= 0, "analyze.explainer_retries", "must be >= 0")
+    need(cfg.analyze.explainer_timeout > 0, "analyze.explainer_timeout", "must be > 0")
+    need(cfg.analyze.explainer_detection_contexts >= 2, "analyze.explainer_detection_contexts", "must be >= 2")
+    # site_url ends up in attributes of every page: a plain http(s) URL or nothing
+    need(not cfg.build.site_url or bool(re.fullmatch(r"https?://[^\s\"'<>`]+", cfg.build.site_url)),
+         "build.site_url", "must be an http(s) URL")
+    need(1 <= cfg.export.top_k <= cfg.sae.d_sae, "export.top_k", "must be between 1 and sae.d_sae")
+    need(cfg.export.parity_texts >= 1, "export.parity_texts", "must be >= 1")
+    need(cfg.export.quantization in WEB_QUANTIZATIONS, "export.quantization",
+         f"must be one of {', '.join(WEB_QUANTIZATIONS)}")
+    need(0 <= cfg.export.min_top1_agreement <= 1, "export.min_top1_agreement", "must be in [0, 1]")
+    need(0 <= cfg.export.min_topk_overlap <= 1, "export.min_topk_overlap", "must be in [0, 1]")

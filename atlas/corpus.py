@@ -35,28 +35,44 @@ def _local_texts(path: Path, field: str) -> Iterator[str]:
     if not path.is_file():
         raise AtlasError(f"{path}: no such corpus file")
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise AtlasError(f"{path}:{line}: not UTF-8 text") from None
         docs = text.split(DOC_SEPARATOR) if DOC_SEPARATOR in text else text.split("\n\n")
         yield from (d.strip() for d in docs if d.strip())
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise AtlasError(f"{path}:{n}: not UTF-8 text") from None
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)[field]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise AtlasError(f"{path}:{n}: expected a JSON object with a '{field}' string") from None
+                    text = json.loads(line)[field]
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                    text = None
+                if not isinstance(text, str):
+                    raise AtlasError(f"{path}:{n}: expected a JSON object with a '{field}' string")
+                yield text
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             pf = pq.ParquetFile(path)
             if field not in pf.schema_arrow.names:
                 raise AtlasError(f"{path}: no column '{field}' (columns: {', '.join(pf.schema_arrow.names)})")
+            kind = pf.schema_arrow.field(field).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise AtlasError(f"{path}: column '{field}' holds {kind}, not text")
             for batch in pf.iter_batches(columns=[field], batch_size=1024):
                 yield from (t for t in batch.column(0).to_pylist() if t)
-        except OSError as e:
+        except (OSError, pa.ArrowException) as e:
             raise AtlasError(f"{path}: unreadable parquet ({str(e).splitlines()[0]})") from None
     else:
         raise AtlasError(f"{path}: unsupported corpus file; use .txt, .jsonl or .parquet")

@@ -50,6 +50,17 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (the same shape on every rank) concatenated along dim 0 in rank order;
+    `t` itself without torchrun."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    buf = _on_backend(t.contiguous())
+    parts = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, buf)
+    return torch.cat(parts).to(t.device)
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over ranks in place (identical result on every rank); returns `t`."""
     if dist.is_initialized():

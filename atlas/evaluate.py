@@ -154,6 +154,7 @@ def evaluate(sae: SparseAutoencoder, store, cfg, model=None) -> dict:
     if model is None:
         from atlas.model import load_model, resolve_device
 
-        model = load_model(cfg.model.name, cfg.model.revision, str(resolve_device(cfg.model.device)), cfg.model.dtype)
+        m = cfg.model
+        model = load_model(m.name, m.revision, str(resolve_device(m.device)), m.dtype, gguf_file=m.gguf_file)
     metrics.update(downstream_scores(model, cfg.model.layer, sae, tokens, keep_first=cfg.train.exclude_bos))
     return metrics

@@ -253,6 +253,48 @@ def histogram(edges: list[float], counts: list[int], width=560, height=120) -> d
             "hi": fmt_num(edges[-1]), "top": f"{top:,}"}
 
 
+BANDS = ((0.7, "high"), (0.4, "medium"), (0.0, "low"))
+"""Label-score bands by F1, the measured version of a case study's hand-rated monosemanticity."""
+
+
+def _known(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def score_view(precision, recall, f1, matched: int, fired: int, scoring: str, is_dead: bool) -> dict | None:
+    """A label's held-out score (atlas/label_scores.py) in plain words; None for a dead feature."""
+    if is_dead:
+        return None
+    if not _known(f1):
+        why = ("the feature never fired on the held-out text" if scoring and not fired
+               else "this label has no held-out score")
+        return {"f1": "–", "band": "unscored", "text": f"Not scored: {why}.", "detail": ""}
+    band = next(name for lo, name in BANDS if f1 >= lo)
+    pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    if scoring == "detection":
+        text = (f"Asked which held-out excerpts fire this feature, a reader of this label picked ones holding "
+                f"{pct(recall)} of its activation; "
+                + (f"{pct(precision)} of the excerpts it picked fire it." if _known(precision) else "it picked none."))
+        detail = f"{matched:,} excerpts picked, {fired:,} of those shown fire the feature"
+    else:
+        text = (f"This label covers {pct(recall)} of the feature's activation on held-out text; "
+                + (f"{pct(precision)} of its tokens there fire it." if _known(precision)
+                   else "none of its tokens occur there."))
+        detail = f"{matched:,} held-out tokens match it, {fired:,} fire the feature"
+    return {"f1": f"{f1:.2f}", "band": band, "text": text, "detail": detail}
+
+
+def rule_text(rule_json: str, vocab: list[str], label: str) -> str:
+    """The whole rule when the label had to shorten it ("+N more"); else ""."""
+    from atlas.label_rules import Rule
+
+    rule = Rule.from_json(rule_json) if rule_json else None
+    if rule is None:
+        return ""
+    full = rule.text(vocab, limit=None)
+    return full if full != label else ""
+
+
 def feature_view(row: dict, examples: list[dict], facts: SiteFacts, vocab_html: list[str]) -> dict:
     """Exactly the values feature.html shows for one feature."""
     fid = row["feature_id"]
@@ -279,6 +321,9 @@ def feature_view(row: dict, examples: list[dict], facts: SiteFacts, vocab_html: 
         "id": fid,
         "label": row["label"] or "",
         "label_source": row["label_source"] or "",
+        "score": score_view(row["label_precision"], row["label_recall"], row["label_f1"], row["label_matched"],
+                            row["heldout_fired"], row["label_scoring"], row["is_dead"]),
+        "rule": rule_text(row["label_rule"], facts.vocab, row["label"] or ""),
         "density": fmt_pct(row["density"]),
         "n_fired": f"{row['n_fired']:,}",
         "mean_act": fmt_num(row["mean_act"]),

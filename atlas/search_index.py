@@ -1,7 +1,7 @@
 """The site's own compact indexes, loaded on demand by site_src/js/ (never MkDocs' search).
 
-- `data/features.js`: every feature as columnar arrays (label, density, max activation, map
-  coordinates, flags, top token) for the explorer, the map and label search;
+- `data/features.js`: every feature as columnar arrays (label, its score, density, max
+  activation, map coordinates, flags, top token) for the explorer, the map and label search;
 - `data/tokens/NN.js`: which features fire hardest on a token, sharded by FNV-1a of the token
   text (site_src/js/atlas-data.js computes the same hash), built from the token at the marked
   position of each feature's top examples.
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from atlas import shards
 
@@ -43,13 +44,20 @@ class FeatureTable:
     map_y: np.ndarray
     is_dead: np.ndarray
     is_dense: np.ndarray
+    label_f1: np.ndarray
+    """The label's held-out F1 (atlas/label_scores.py); NaN where not scored."""
+    label_precision: np.ndarray
+    label_recall: np.ndarray
+    heldout_fired: np.ndarray
+    """Held-out tokens (contexts, for detection) the feature fired on: how much evidence the score rests on."""
 
     @property
     def n(self) -> int:
         return int(self.ids.max()) + 1 if len(self.ids) else 0
 
 
-COLUMNS = ["feature_id", "label", "density", "max_act", "map_x", "map_y", "is_dead", "is_dense"]
+COLUMNS = ["feature_id", "label", "density", "max_act", "map_x", "map_y", "is_dead", "is_dense", "label_f1",
+           "label_precision", "label_recall", "heldout_fired"]
 
 
 def read_feature_table(features_dir: Path) -> FeatureTable:
@@ -62,18 +70,30 @@ def read_feature_table(features_dir: Path) -> FeatureTable:
     for p in paths:
         t = shards.read_table(p, shards.FEATURES_SCHEMA).select(COLUMNS)
         for c in COLUMNS:
-            cols[c].append(t.column(c).to_numpy(zero_copy_only=False) if c != "label" else t.column(c).to_pylist())
+            col = t.column(c)
+            if c == "label":
+                cols[c].append(col.to_pylist())
+            elif col.type == pa.float32():          # nullable scores: null reads as NaN
+                cols[c].append(col.to_numpy(zero_copy_only=False).astype(np.float64))
+            else:
+                cols[c].append(col.to_numpy(zero_copy_only=False))
     ids = np.concatenate(cols["feature_id"])
     order = np.argsort(ids, kind="stable")
     labels_all = [x or "" for chunk in cols["label"] for x in chunk]
     pick = lambda c: np.concatenate(cols[c])[order]  # noqa: E731
     return FeatureTable(ids[order], [labels_all[i] for i in order], pick("density").astype(np.float64),
                         pick("max_act").astype(np.float64), pick("map_x"), pick("map_y"),
-                        pick("is_dead").astype(bool), pick("is_dense").astype(bool))
+                        pick("is_dead").astype(bool), pick("is_dense").astype(bool), pick("label_f1"),
+                        pick("label_precision"), pick("label_recall"), pick("heldout_fired").astype(np.int64))
 
 
 def _round(a: np.ndarray, digits: int = 4) -> list:
     return [float(f"{x:.{digits}g}") if np.isfinite(x) else 0 for x in a.tolist()]
+
+
+def _score(a: np.ndarray) -> list:
+    """Scores in [0, 1] to 2 decimals; null where not scored."""
+    return [round(x, 2) if np.isfinite(x) else None for x in a.tolist()]
 
 
 def _write_js(path: Path, name: str, data) -> int:
@@ -103,6 +123,7 @@ def write_features(data_dir: Path, table: FeatureTable, top_token: np.ndarray, v
         "n": n, "present": dense(np.ones(len(table.ids), np.int8)).tolist() if len(table.ids) < n else None,
         "label": labels, "density": _round(dense(table.density), 3), "max_act": _round(dense(table.max_act), 4),
         "x": _round(dense(table.map_x), 4), "y": _round(dense(table.map_y), 4), "flags": flags.tolist(),
+        "f1": _score(dense(table.label_f1, np.nan)),
         "top_token": tokens,
     })
 

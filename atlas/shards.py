@@ -21,12 +21,19 @@ import pyarrow.parquet as pq
 
 from atlas.errors import AtlasError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 FEATURES_SCHEMA = pa.schema([
     ("feature_id", pa.int32()),
     ("label", pa.string()),                      # short readable label from the evidence
-    ("label_source", pa.string()),               # which explainer wrote it, e.g. "top-tokens"
+    ("label_source", pa.string()),               # which explainer wrote it, e.g. "bigram"
+    ("label_rule", pa.string()),                 # the label as a checkable rule (JSON, atlas/label_rules.py); "" for free text
+    ("label_precision", pa.float32()),           # held-out: share of the label's matches on which the feature fires
+    ("label_recall", pa.float32()),              # held-out: share of the feature's activation on the label's matches
+    ("label_f1", pa.float32()),                  # their harmonic mean; null: not scored (never fired on held-out data)
+    ("label_matched", pa.int64()),               # held-out tokens (contexts, for detection) the label matches
+    ("heldout_fired", pa.int64()),               # held-out tokens (contexts, for detection) the feature fires on
+    ("label_scoring", pa.string()),              # "rule" (over tokens), "detection" (over contexts) or "" (not scored)
     ("n_fired", pa.int64()),                     # tokens on which activation > 0
     ("density", pa.float32()),                   # n_fired / n_tokens
     ("mean_act", pa.float32()),                  # mean activation over firing tokens

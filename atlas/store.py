@@ -11,11 +11,18 @@ each written under a temporary name and renamed when complete), and only when ev
 writes `activations.h5` itself, whose `acts` and `tokens` are HDF5 virtual datasets over the parts.
 A kill at any moment loses at most the part being written; a store file that exists is complete.
 Several writers (torchrun ranks) can fill the same parts folder, each with its own part numbers.
+
+Content: each part records the sha256 of its arrays when it is written; activations.h5 lists
+every part (file, rows, size, digest) and the store's digest over them, which is what later
+stages fingerprint (hashing a 30 GB store on every check would not do). A part that is missing or
+of another size makes the store unfinished, so `atlas collect` recomputes just that part, and
+reading rows that are not finite stops with the part to rewrite.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -76,21 +83,35 @@ def write_part(store_path: Path, index: int, tokens: np.ndarray, acts: np.ndarra
     path = part_path(store_path, index)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    rows = acts.shape[0]
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("tokens", data=tokens.astype(np.int32))
-        f.create_dataset("acts", data=acts.astype(dtype), chunks=(min(rows, 1024), acts.shape[1]))
-    os.replace(tmp, path)
+    tokens, acts = tokens.astype(np.int32), acts.astype(dtype)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("tokens", data=tokens)
+            f.create_dataset("acts", data=acts, chunks=(min(len(acts), 1024), acts.shape[1]))
+            f.attrs["digest"] = _array_digest(tokens, acts)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _array_digest(tokens: np.ndarray, acts: np.ndarray) -> str:
+    """A part's content: its arrays, not its HDF5 bytes (which vary with library versions)."""
+    h = hashlib.sha256(np.ascontiguousarray(tokens).tobytes())
+    h.update(np.ascontiguousarray(acts).tobytes())
+    return h.hexdigest()
 
 
 def finalize(store_path: Path, info: StoreInfo, n_parts: int) -> None:
     """Write activations.h5 as virtual datasets over parts 0..n_parts-1 (atomically)."""
     store_path = Path(store_path)
     parts = [part_path(store_path, i) for i in range(n_parts)]
-    shapes = []
+    shapes, listed = [], []
     for p in parts:
         with h5py.File(p, "r") as f:
             shapes.append((f["tokens"].shape[0], f["acts"].shape[0]))
+            digest = _plain(f.attrs.get("digest", "")) or _array_digest(f["tokens"][:], f["acts"][:])
+        listed.append({"file": os.path.relpath(p, store_path.parent), "rows": shapes[-1][1],
+                       "bytes": p.stat().st_size, "sha256": digest})
     n_ctx, n_rows = sum(s[0] for s in shapes), sum(s[1] for s in shapes)
     dtype = np.dtype(info.dtype)
     acts = h5py.VirtualLayout(shape=(n_rows, info.d_model), dtype=dtype)
@@ -108,25 +129,50 @@ def finalize(store_path: Path, info: StoreInfo, n_parts: int) -> None:
         f.create_virtual_dataset("tokens", toks)
         f.attrs.update({k: v for k, v in asdict(info).items()})
         f.attrs["n_parts"] = n_parts
+        f.attrs["parts"] = json.dumps(listed)
+        described = {k: v for k, v in asdict(info).items() if k != "fingerprint"}
+        f.attrs["digest"] = hashlib.sha256(json.dumps([described, [p["sha256"] for p in listed]],
+                                                      sort_keys=True).encode()).hexdigest()[:16]
     os.replace(tmp, store_path)
 
 
 def read_store_stamp(path: Path) -> dict | None:
+    """The store's stamp (fingerprint, digest, parts), in the shape of a stage folder's."""
     try:
         with h5py.File(path, "r") as f:
-            return {"fingerprint": str(f.attrs["fingerprint"])}
-    except (OSError, KeyError):
+            return {"fingerprint": _plain(f.attrs["fingerprint"]), "digest": _plain(f.attrs["digest"]),
+                    "parts": json.loads(_plain(f.attrs["parts"]))}
+    except (OSError, KeyError, ValueError):
         return None
 
 
-class ActivationStore:
-    """Read access to a finished activation store."""
+def store_damage(path: Path, stamp: dict) -> str | None:
+    """The first part that is missing or not the size it was written with, or None."""
+    for part in stamp["parts"]:
+        p = Path(path).parent / part["file"]
+        if not p.is_file():
+            return f"{p}: missing part of the store"
+        if p.stat().st_size != part["bytes"]:
+            return f"{p}: truncated or changed part of the store"
+    return None
 
-    def __init__(self, path: Path):
+
+class ActivationStore:
+    """Read access to a finished activation store; `collect` is the command that rewrites it."""
+
+    def __init__(self, path: Path, collect: str = "atlas collect"):
         self.path = Path(path)
+        self.collect = collect
         if not self.path.exists():
-            hint = " (collection unfinished: run `atlas collect` again to resume)" if parts_dir(self.path).exists() else ""
-            raise AtlasError(f"{self.path}: no activation store{hint}; run `atlas collect` first")
+            hint = " (collection unfinished: run it again to resume)" if parts_dir(self.path).exists() else ""
+            raise AtlasError(f"{self.path}: no activation store{hint}; run `{collect}`")
+        stamp = read_store_stamp(self.path)
+        if stamp is None:
+            raise AtlasError(f"{self.path}: not a readable activation store; run `{collect} --force`")
+        problem = store_damage(self.path, stamp)
+        if problem:
+            raise AtlasError(f"{problem}; run `{collect}` to rewrite it (only missing parts are recomputed)")
+        self._part_starts = np.cumsum([0] + [p["rows"] for p in stamp["parts"]])
         try:
             self._file = h5py.File(self.path, "r")
             attrs = dict(self._file.attrs)
@@ -160,11 +206,18 @@ class ActivationStore:
                     f["acts"].id.get_storage_size()
             except OSError as e:
                 raise AtlasError(f"{p}: missing or unreadable part of the store ({str(e).splitlines()[0]}); "
-                                 f"delete it and run `atlas collect` again to rewrite it") from None
+                                 f"delete it and run `{self.collect}` to rewrite it") from None
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Activation rows [start, stop) as float32."""
-        return self.acts[start:stop].astype(np.float32)
+    def read(self, start: int, stop: int, dtype=np.float32) -> np.ndarray:
+        """Activation rows [start, stop) as `dtype`; stops on NaN/inf, naming the part to rewrite."""
+        x = self.acts[start:stop]
+        finite = np.isfinite(x)
+        if not finite.all():
+            row = start + int(np.argwhere(~finite)[0, 0])
+            part = part_path(self.path, int(np.searchsorted(self._part_starts, row, side="right")) - 1)
+            raise AtlasError(f"{part}: NaN/inf activations (store row {row:,}); delete it and run "
+                             f"`{self.collect}` to rewrite it")
+        return x.astype(dtype, copy=False)
 
     def position(self, row: int) -> tuple[int, int]:
         return divmod(int(row), self.ctx_len)

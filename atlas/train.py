@@ -10,8 +10,9 @@ Under `torchrun` training is data-parallel (DistributedDataParallel): `train.bat
 processes). Every rank walks the same shuffled stream and keeps its own slice of each global
 batch, so together the ranks train on exactly the rows a single process would, step for step;
 DDP averages the gradients, and the per-step state outside the gradients (which latents fired,
-for dead-latent tracking; buffers such as BatchTopK's threshold; a non-finite loss) is combined
-in one small all-reduce per step, so every rank keeps identical weights (checked at the end).
+for dead-latent tracking; a non-finite loss) is combined in one small all-reduce per step;
+BatchTopK selects over the global batch (atlas.saes.batchtopk), so its threshold is the same on
+every rank. Every rank keeps identical weights and buffers (checked at the end).
 Rank 0 alone writes the checkpoint, metrics.jsonl and sae/, and runs the evaluation; a resumed
 run broadcasts rank 0's checkpoint.
 
@@ -44,7 +45,7 @@ from atlas import distributed
 from atlas.config import RunConfig, SAEConfig, TrainConfig
 from atlas.errors import AtlasError
 from atlas.saes import SparseAutoencoder, build_sae
-from atlas.stage import atomic_dir, fingerprint, is_current, upstream_fingerprint
+from atlas.stage import atomic_dir, fingerprint, input_digest, is_current, require_finite, rerun
 
 CKPT_FILE = "checkpoint.pt"
 LOG_FILE = "metrics.jsonl"
@@ -150,7 +151,7 @@ def store_stream(store, train_cfg: TrainConfig) -> RowStream:
         for a in tqdm(range(0, len(rows), step), desc=f"load {size_gb:.2f} GB of activations", unit="chunk",
                       leave=False, disable=not distributed.is_main()):
             b = min(a + step, len(rows))
-            data[a:b] = torch.from_numpy(store.acts[rows.start + a:rows.start + b])
+            data[a:b] = torch.from_numpy(store.read(rows.start + a, rows.start + b, store.acts.dtype))
         return RowStream(lambda a, b: data[a:b], len(rows), chunk_rows=store.chunk_rows,
                          buffer_rows=len(rows), keep=keep, seed=train_cfg.seed)
     buffer_rows = max(64 * train_cfg.batch_size, 1 << 18)
@@ -265,7 +266,7 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
 
         scale = distributed.broadcast_object(scale)
         # DDP broadcasts rank 0's parameters and buffers now and averages gradients in backward;
-        # buffers are averaged by _sync_step instead of being overwritten by rank 0's each step.
+        # buffers are computed identically on every rank (see _sync_step), so DDP need not copy rank 0's.
         no_buffer_sync = ({"forward_sync_buffers": False}  # the name since torch 2.13
                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                           else {"broadcast_buffers": False})
@@ -358,23 +359,13 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
 
 
 def _sync_step(sae: SparseAutoencoder, fired: torch.Tensor, finite: bool) -> tuple[torch.Tensor, bool]:
-    """One all-reduce per step for everything the ranks must agree on besides the gradients.
-
-    Returns (latents that fired on any rank, whether the loss was finite on every rank) and
-    replaces each floating-point buffer (e.g. BatchTopK's threshold, updated in the forward
-    pass from the rank's own batch) by its mean over the ranks.
-    """
-    buffers = [b for b in sae.buffers() if b.is_floating_point()]
-    packed = torch.cat([fired.float(), fired.new_tensor([0.0 if finite else 1.0], dtype=torch.float32),
-                        *(b.detach().float().flatten() for b in buffers)])
+    """One all-reduce per step for what the ranks must agree on besides the gradients: (latents
+    that fired on any rank, whether the loss was finite on every rank). Buffers need nothing here:
+    an SAE computes them from quantities that are already global (BatchTopK's threshold from the
+    global batch's selection), and `_check_ranks_agree` would catch one that is not."""
+    packed = torch.cat([fired.float(), fired.new_tensor([0.0 if finite else 1.0], dtype=torch.float32)])
     distributed.all_reduce_sum_(packed)
-    d = fired.numel()
-    offset = d + 1
-    _, world = distributed.rank_and_world()
-    for b in buffers:
-        b.copy_((packed[offset:offset + b.numel()] / world).view_as(b))
-        offset += b.numel()
-    return packed[:d] > 0, bool(packed[d] == 0)
+    return packed[:-1] > 0, bool(packed[-1] == 0)
 
 
 def _check_ranks_agree(sae: SparseAutoencoder, main: bool) -> None:
@@ -404,9 +395,14 @@ def inference_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
 def _save_checkpoint(ckpt_dir: Path, fp: str, sae, opt, last_fired, step: int, scale: float) -> None:
     path = ckpt_dir / CKPT_FILE
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"fingerprint": fp, "sae": sae.state_dict(), "optimizer": opt.state_dict(),
-                "last_fired": last_fired, "step": step, "scale": scale}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"fingerprint": fp, "sae": sae.state_dict(), "optimizer": opt.state_dict(),
+                    "last_fired": last_fired, "step": step, "scale": scale}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise AtlasError(f"{tmp}: cannot write the checkpoint ({str(e).splitlines()[0]}); "
+                         f"the previous one is kept") from None
 
 
 def _load_checkpoint(ckpt_dir: Path, fp: str) -> dict | None:
@@ -450,7 +446,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
 
     store_path = cfg.run_dir / "activations.h5"
     out = cfg.run_dir / "sae"
-    fp = fingerprint(cfg.section_hash("sae", "train"), upstream_fingerprint(store_path, "collect"))
+    store_digest = input_digest(store_path, "collect", cfg)
+    fp = fingerprint(cfg.section_hash("sae", "train"), store_digest)
     if is_current(out, fp) and not force:
         print(f"train: {out} is up to date")
         return out
@@ -459,15 +456,16 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     if force and main and (ckpt_dir / CKPT_FILE).exists():
         (ckpt_dir / CKPT_FILE).unlink()
     device = resolve_device(cfg.model.device)
-    with ActivationStore(store_path) as store:
+    with ActivationStore(store_path, rerun("collect", cfg)) as store:
         data = store_stream(store, cfg.train)
         t0 = time.perf_counter()
         sae, summary = train_sae(cfg.sae, cfg.train, data, ckpt_dir=ckpt_dir, fp=fp,
                                  metadata=sae_metadata(cfg, store), device=device)
         summary["train_seconds"] = round(time.perf_counter() - t0, 1)
         if main:  # the other ranks hold the same SAE; they wait for rank 0's sae/ below
+            require_finite(sae.state_dict(), out, "training diverged; lower train.lr")
             metrics = {**evaluate(sae, store, cfg), **summary}
-            with atomic_dir(out, fp, stage="train") as tmp:
+            with atomic_dir(out, fp, stage="train", inputs={"store": store_digest}, rerun=rerun("train", cfg)) as tmp:
                 sae.save(tmp)
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 if (ckpt_dir / LOG_FILE).exists():

@@ -1,20 +1,21 @@
 """Headless Debian Chromium for the browser tests, driven with Playwright (no browser download).
 
-`serve(path)` serves a built site on 127.0.0.1; `open_browser()` starts Chromium with the flags
-this offline world needs and blocks (and records) every request that leaves 127.0.0.1.
+`serve({"/my-atlas/": site})` serves built sites on 127.0.0.1, each under its own path prefix, as
+GitHub Pages serves project sites (user.github.io/<repo>/), and records every request outside
+them. `open_browser()` starts Chromium with the flags this offline world needs and blocks (and
+records) every request that leaves 127.0.0.1; each page also records the URLs it requested.
 Tests that need a browser use the `browser` fixture from conftest.py, which skips with a clear
 notice when Chromium is not installed (`.ci/run` installs it, so CI always runs them).
 """
 
 from __future__ import annotations
 
-import functools
 import http.server
 import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -24,23 +25,52 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _SitesHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves each site of `sites` (path prefix -> directory) under its prefix; anything else is a 404."""
+
+    sites: dict[str, str] = {}
+    stray: list[str] = []
+
+    def translate_path(self, path):
+        clean = urlsplit(path).path
+        for prefix, directory in sorted(self.sites.items(), key=lambda s: -len(s[0])):  # nested: longest first
+            if clean.startswith(prefix) or clean + "/" == prefix:  # "/my-atlas" redirects to "/my-atlas/"
+                self.directory = directory
+                return super().translate_path("/" + path[len(prefix):])
+        self.stray.append(path)
+        return str(Path(next(iter(self.sites.values()))) / "__outside_every_site__")
+
     def log_message(self, *args):
         pass
 
 
+class SiteServer:
+    """A local server for sites under path prefixes; `stray` lists the paths requested outside all of them."""
+
+    def __init__(self, sites: dict[str, Path]):
+        assert all(p.startswith("/") and p.endswith("/") for p in sites), sites
+        self.stray: list[str] = []
+        handler = type("Handler", (_SitesHandler,), {"sites": {p: str(d) for p, d in sites.items()}, "stray": self.stray})
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.origin = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def url(self, prefix: str = "/") -> str:
+        return self.origin + prefix
+
+    def close(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
 @contextmanager
-def serve(directory: Path):
-    """Serve `directory` on 127.0.0.1 at a free port; yields the base URL (ends with '/')."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def serve(sites: dict[str, Path] | Path):
+    """Serve `sites` ({"/my-atlas/": directory, …}, or one directory at "/") on 127.0.0.1 at a free port."""
+    server = SiteServer(sites if isinstance(sites, dict) else {"/": sites})
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield server
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 class Browser:
@@ -50,14 +80,22 @@ class Browser:
         self._browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_FLAGS)
         self.external_requests: list[str] = []
 
-    def new_page(self):
-        """A page whose console errors are collected in `page.console_errors`."""
+    def new_context(self):
+        """A browser context (its own storage: cookies, Cache API) whose outside requests are refused."""
         context = self._browser.new_context()
         context.route("**/*", self._guard)
-        page = context.new_page()
-        page.console_errors = []
+        return context
+
+    def new_page(self, context=None):
+        """A page (in a fresh context unless one is given) that collects its console errors in
+        `page.console_errors`, the URLs it requested in `page.requests`, and failed responses
+        (HTTP status >= 400) in `page.failed`."""
+        page = (context or self.new_context()).new_page()
+        page.console_errors, page.requests, page.failed = [], [], []
         page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
         page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+        page.on("request", lambda r: page.requests.append(r.url))
+        page.on("response", lambda r: r.status >= 400 and page.failed.append(f"{r.status} {r.url}"))
         return page
 
     def _guard(self, route):
@@ -84,3 +122,69 @@ def open_browser():
             yield b
         finally:
             b.close()
+
+
+# ---------------------------------------------------------------- what the analyser should show
+
+
+def ort_reference(site: Path, text: str) -> dict:
+    """Python onnxruntime on the site's own web file, as the browser runs it: token ids (BOS first,
+    truncated to the maximum), top_ids/top_acts [seq, k] and n_active [seq] (None when the export
+    has no such output)."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    meta = json.loads((site / "onnx/model.json").read_text())
+    tok = Tokenizer.from_file(str(site / "onnx" / meta["tokenizer"]))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    ids = ([meta["bos_token_id"]] + ids if meta["prepend_bos"] else ids)[: meta["max_tokens"]]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+    sess = ort.InferenceSession(str(site / "onnx" / meta["onnx"]), opts, providers=["CPUExecutionProvider"])
+    names = meta["outputs"]
+    wanted = [names["ids"], names["acts"]] + ([names["n_active"]] if "n_active" in names else [])
+    out = sess.run(wanted, {meta["input"]["name"]: np.asarray([ids], dtype=np.int32)})
+    return {"ids": ids, "k": meta["top_k"], "top_ids": out[0][0], "top_acts": out[1][0],
+            "n_active": out[2][0] if len(out) > 2 else None}
+
+
+def all_in_sight(ref: dict, t: int) -> bool:
+    """Whether every feature that fires on token t is among the top k the browser sees."""
+    shown = int((ref["top_acts"][t] > 0).sum())
+    if ref["n_active"] is not None:
+        return int(ref["n_active"][t]) <= shown
+    return shown < ref["k"]          # without n_active: a full top k may hide more
+
+
+def close(a: float, b: float) -> bool:
+    """Activations of the browser and of Python onnxruntime on the same web file: kernels differ (wasm
+    vs x86, summation order), so values may differ by rounding, never by more than this."""
+    return abs(a - b) <= 2e-3 + 5e-3 * abs(b)
+
+
+def check_heatmap(spans, ref, feature: int):
+    """Each token's colour value is Python's activation of `feature` there, or, where the feature is
+    not among the top k and more fire than that, the token is marked unseen with Python's counts."""
+    k = ref["k"]
+    for t, span in enumerate(spans[1:], start=1):
+        listed = [int(i) for i, a in zip(ref["top_ids"][t], ref["top_acts"][t]) if a > 0]
+        unseen = span.get_attribute("data-unseen")
+        # the two may order a near-tie at the k-th place differently, nothing else
+        if feature in listed and unseen is not None:
+            assert close(float(ref["top_acts"][t][listed.index(feature)]), float(ref["top_acts"][t][-1])), t
+            continue
+        if feature not in listed and unseen is None and not all_in_sight(ref, t):
+            assert close(float(span.get_attribute("data-act")), float(ref["top_acts"][t][-1])), t
+            continue
+        if feature in listed or all_in_sight(ref, t):
+            assert unseen is None, (t, unseen)
+            want = float(ref["top_acts"][t][listed.index(feature)]) if feature in listed else 0.0
+            assert close(float(span.get_attribute("data-act")), want), (t, span.get_attribute("data-act"), want)
+        else:
+            assert span.get_attribute("data-act") is None
+            n_active = ref["n_active"]
+            assert unseen == f"{len(listed)}/{'' if n_active is None else int(n_active[t])}", (t, unseen)
+            assert len(listed) == k and "atlas-token-unseen" in span.get_attribute("class")

@@ -7,6 +7,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from browser import chromium_path, open_browser  # noqa: E402
+from tiny_llama import build as build_tiny_llama  # noqa: E402
 from tiny_world import build as build_tiny_world  # noqa: E402
 
 
@@ -14,6 +15,20 @@ from tiny_world import build as build_tiny_world  # noqa: E402
 def tiny_world(tmp_path_factory) -> Path:
     """A tiny local GPT-2, its BPE tokenizer and a generated corpus (model/, corpus.jsonl, corpus.txt)."""
     return build_tiny_world(tmp_path_factory.mktemp("tiny-world"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny Llama as a Q4_1 GGUF file (tiny_llama.GGUF_NAME) and as transformers weights (reference/)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Models converted from GGUF go to a fresh cache, never the user's (subprocesses inherit it)."""
+    import os
+
+    os.environ["ATLAS_CACHE"] = str(tmp_path_factory.mktemp("atlas-cache"))
 
 
 @pytest.fixture

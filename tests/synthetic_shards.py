@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from atlas import shards
-from atlas.stage import STAMP
+from atlas.stage import write_stamp
 
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "&amp;", "{{ 7*7 }}", "</textarea>"]
 WORDS = ["Once", "upon", "time", "little", "dog", "cat", "park", "happy", "ball", "Lily", "Tom", "said",
@@ -75,8 +75,22 @@ def write(run_dir: Path, n_features: int, *, shard_size: int = 512, n_top: int =
                   for i in ids]
         labels = [("" if d else lab) for lab, d in zip(labels, dead)]
         nl = 10 if has_logits else 0
+        # label scores: F1 spread over [0, 1], unscored (null) for dead features and every 13th; some labels
+        # are rules over hostile tokens, long enough that the page shows the rule in full
+        prec, rec = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+        unscored = dead | (ids % 13 == 7)
+        f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0)
+        rules = [json.dumps({"kind": "tokens", "atoms": [4, 5, 6, 7, 8] + list(range(10, 20))}) if i % 11 == 4 else ""
+                 for i in ids]
+
+        def nullable(x):
+            return pa.array(x.astype(np.float32), pa.float32(), mask=unscored)
+
         feats = pa.table({
-            "feature_id": ids, "label": labels, "label_source": ["top-tokens"] * n,
+            "feature_id": ids, "label": labels, "label_source": ["best-rule"] * n, "label_rule": rules,
+            "label_precision": nullable(prec), "label_recall": nullable(rec), "label_f1": nullable(f1),
+            "label_matched": rng.integers(0, 500, n), "heldout_fired": np.where(dead, 0, rng.integers(0, 200, n)),
+            "label_scoring": ["" if u else "rule" for u in unscored],
             "n_fired": (density * n_tokens).astype(np.int64), "density": density.astype(np.float32),
             "mean_act": (max_act / 3).astype(np.float32), "max_act": max_act.astype(np.float32),
             "hist_edges": _list_array(edges.astype(np.float32), bins + 1, pa.float32()),
@@ -122,14 +136,15 @@ def write(run_dir: Path, n_features: int, *, shard_size: int = 512, n_top: int =
 
     manifest = {
         "schema_version": shards.SCHEMA_VERSION, "n_features": n_features, "shard_size": shard_size,
-        "n_shards": n_shards, "has_logits": has_logits, "n_tokens": n_tokens,
+        "n_shards": n_shards, "has_logits": has_logits, "n_tokens": n_tokens, "label_source": "best-rule",
+        "label_scores": {"choose_tokens": 65024, "score_tokens": 65024},
         "model": {"name": "synthetic-gpt2", "layer": 8, "hook": "blocks.8.hook_resid_pre", "d_model": 768},
         "sae": {"architecture": "topk", "d_sae": n_features, "k": 32},
         "metrics": {"explained_variance": 0.81, "l0": 31.7, "ce_loss_score": 0.93, "kl_score": 0.95,
                     "dead_fraction": float(np.mean((np.arange(n_features) % 97) == 5)), "mse": 0.0123},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    (out / STAMP).write_text(json.dumps({"fingerprint": f"synthetic-{n_features}-{seed}"}))
+    write_stamp(out, f"synthetic-{n_features}-{seed}")
 
     sae = Path(run_dir) / "sae"
     sae.mkdir(parents=True, exist_ok=True)

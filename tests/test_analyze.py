@@ -19,6 +19,7 @@ from atlas.errors import AtlasError, ConfigError
 from atlas.labels import Evidence, Explainer, get_explainer, register
 from atlas.saes import load_sae
 from atlas.shards import read_feature, read_manifest, read_vocab
+from atlas.stage import write_stamp
 from atlas.store import ActivationStore
 
 _REAL_ITER, _REAL_BATCHES = ActivationStore.iter_batches, analyze.Spill.batches
@@ -46,7 +47,7 @@ def write_sae(sae_dir: Path, d_in: int, d_sae: int, k: int, seed: int = 0, archi
     (sae_dir / "cfg.json").write_text(json.dumps({"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "k": k,
                                                   "hook_name": "blocks.2.hook_resid_pre"}))
     (sae_dir / "metrics.json").write_text(json.dumps({"fvu": 0.25, "l0": k}))
-    (sae_dir / "stamp.json").write_text(json.dumps({"fingerprint": f"sae-{seed}"}))
+    write_stamp(sae_dir, f"sae-{seed}")
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +236,8 @@ def test_manifest_vocab_map_and_labels(analyzed):
     assert feats.map_x.between(0, 1).all() and feats.map_y.between(0, 1).all()
     assert feats[feats.is_dead].map_x.notna().all()
     assert (feats[feats.is_dead].label == "dead feature").all()
-    assert (feats[~feats.is_dead].label.str.len() > 0).all() and (feats.label_source == "top-tokens").all()
+    assert (feats[~feats.is_dead].label.str.len() > 0).all()
+    assert set(feats.label_source) <= {"top-tokens", "token-set", "bigram", "trigram", "after-token", "char-class"}
 
 
 def test_shards_read_back_same_with_pyarrow_pandas_and_reader(analyzed):
@@ -329,7 +331,14 @@ def test_interrupted_run_resumes_to_the_same_result(analyzed, tiny_run, monkeypa
     monkeypatch.setattr(analyze.Spill, "batches", _REAL_BATCHES)
     calls.clear()
     resumed = analyze.run(cfg)
-    assert calls == []
+    # the stream is not encoded again; only the label splits are (atlas/label_data.py: the choose
+    # split's blocks of contexts, then the score split's, each in batches of analyze.batch_tokens)
+    from atlas.label_data import split_ranges
+
+    store = ActivationStore(Path("runs/tiny/activations.h5"))
+    choose, score = split_ranges(store.n_contexts, store.ctx_len, cfg.analyze.label_tokens)
+    b = cfg.analyze.batch_tokens
+    assert calls == [min(b, len(r) - i) for r in choose + score for i in range(0, len(r), b)]
     for name in ("features-00000.parquet", "examples-00000.parquet", "features-00001.parquet",
                  "examples-00001.parquet"):
         assert pq.read_table(resumed / name).equals(pq.read_table(out / name)), name
@@ -381,12 +390,12 @@ def test_explainer_registry():
     vocab = ["<s>", " the", " park", " in", "\n"]
     top = get_explainer("top-tokens")
     e = Evidence(0, False, 0.01, 3.0, top_token_ids=[2, 2, 2, 1], prev_token_ids=[1, 1, 1, 3])
-    assert top.explain([e], vocab) == ["the park"]
+    assert top.explain([e], vocab)[0].label == "the park"
     e = Evidence(0, False, 0.01, 3.0, top_token_ids=[2, 2, 2, 1], prev_token_ids=[3, 1, 0, 3])
-    assert top.explain([e], vocab) == ["park"]
+    assert top.explain([e], vocab)[0].label == "park"
     e = Evidence(0, False, 0.01, 3.0, top_token_ids=[1, 2, 3, 4], prev_token_ids=[-1] * 4)
-    assert top.explain([e], vocab)[0].count(" / ") == 2
-    assert top.explain([Evidence(0, True, 0.0, 0.0)], vocab) == ["dead feature"]
+    assert top.explain([e], vocab)[0].label.count(" / ") == 2
+    assert top.explain([Evidence(0, True, 0.0, 0.0)], vocab)[0].label == "dead feature"
 
 
 def test_merge_topk_equals_sort():

@@ -96,7 +96,7 @@ def test_truncated_part_is_a_clear_error(tiny_config):
     assert collect(tiny_config) == 0
     part = part_path(Path("runs/tiny/activations.h5"), 3)
     part.write_bytes(part.read_bytes()[:5000])
-    with pytest.raises(AtlasError, match="part-00003.h5: missing or unreadable part"):
+    with pytest.raises(AtlasError, match="part-00003.h5: truncated or changed part of the store"):
         ActivationStore(Path("runs/tiny/activations.h5"))
 
 

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from atlas.cli import main
+from atlas.stage import write_stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 D_SAE, K = 96, 6
@@ -55,7 +56,7 @@ def _write_sae(sae_dir: Path, d_in: int) -> None:
     save_file({"W_enc": w_dec.T.contiguous() * 2, "b_enc": b_enc, "W_dec": w_dec, "b_dec": torch.zeros(d_in)},
               sae_dir / "sae_weights.safetensors")
     (sae_dir / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": d_in, "d_sae": D_SAE, "k": K}))
-    (sae_dir / "stamp.json").write_text(json.dumps({"fingerprint": "sae-0"}))
+    write_stamp(sae_dir, "sae-0")
 
 
 def _copy_run(src: Path, dst: Path) -> Path:

@@ -3,7 +3,8 @@
 The CLI run compares a 2-process `atlas train` with a single-process one of the same config; the
 in-process run (torch.multiprocessing + gloo) checks resuming after a kill and the per-step
 synchronisation of every architecture (train_sae checks at the end that all ranks hold
-bit-identical weights, buffers included, and raises otherwise).
+bit-identical weights, buffers included, and raises otherwise), and that BatchTopK's selection
+is the global batch's.
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ import torch.multiprocessing as mp
 from atlas.cli import main
 from atlas.config import SAEConfig
 from atlas.errors import AtlasError
+from atlas.saes.batchtopk import batch_topk
 from atlas.train import CKPT_FILE, LOG_FILE, tensor_stream, train_sae
 
 
@@ -105,11 +107,20 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             tc = TC if name != "relu" else dataclasses.replace(TC, dead_after_tokens=640)
             sae, s = train_sae(cfg, tc, tensor_stream(x), progress=False)
             results[name] = (sae.state_dict(), s)
+        # BatchTopK selects over the global batch: each rank's share of the undivided batch's choice
+        g = torch.Generator().manual_seed(3)
+        pre = torch.randn(8, 12, generator=g) * torch.rand(8, 1, generator=g).pow(-2)  # uneven rows
+        mine, _, cut = batch_topk(pre[rank * 4:(rank + 1) * 4], 3)
+        results["selection"] = (mine, float(cut))
+        sae, _ = train_sae(OTHERS["batchtopk"], dataclasses.replace(TC, n_tokens=TC.batch_size),
+                           tensor_stream(x), progress=False)
+        results["batchtopk_threshold"] = float(sae.threshold)
         try:
             train_sae(TOPK, dataclasses.replace(TC, batch_size=127), tensor_stream(x), progress=False)
         except AtlasError as e:
             results["odd_batch_error"] = str(e)
         torch.save(results, out / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -129,6 +140,20 @@ def test_two_ranks_resume_and_stay_identical(tmp_path):
     assert torch.load(tmp_path / "b" / CKPT_FILE, weights_only=True)["step"] == 60
     assert "multiple of 2" in r0["odd_batch_error"]
     assert r0["batchtopk"][0]["threshold"] > 0
+
+    # the ranks' BatchTopK selections together are the undivided batch's: top 8 * 3 of all entries
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(8, 12, generator=g) * torch.rand(8, 1, generator=g).pow(-2)
+    want = torch.zeros(96).scatter(0, pre.flatten().topk(24).indices, pre.flatten().topk(24).values).view(8, 12)
+    for rank, r in enumerate((r0, r1)):
+        active, cut = r["selection"]
+        got = torch.zeros(4, 12)
+        got[torch.repeat_interleave(torch.arange(4), active.offsets.diff()), active.ids] = active.values
+        assert torch.equal(got, want[rank * 4:(rank + 1) * 4]) and cut == pre.flatten().topk(24).values[-1]
+    # ... so the threshold the first global batch sets is the one a single process sets on it
+    single, _ = train_sae(OTHERS["batchtopk"], dataclasses.replace(TC, n_tokens=TC.batch_size),
+                          tensor_stream(_data()), progress=False)
+    assert r0["batchtopk_threshold"] == pytest.approx(float(single.threshold), rel=1e-6)
 
     # the same global batches in one process: close to the 2-rank run
     single, _ = train_sae(TOPK, TC, tensor_stream(_data()), progress=False)

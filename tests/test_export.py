@@ -1,4 +1,4 @@
-"""`atlas export`: the ONNX encoder against PyTorch, file splitting, and the browser tokenizer."""
+"""`atlas export`: the ONNX encoder against PyTorch, the web file's gate, file splitting, and the browser tokenizer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from atlas import export
-from atlas.config import RunConfig
+from atlas.config import WEB_QUANTIZATIONS, RunConfig
+from atlas.errors import AtlasError
 from atlas.model import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,31 +27,38 @@ TRICKY = ["Hello world", " leading space", "  two spaces", "new\nline", "\n\ntwo
 class StandInSAE(nn.Module):
     """A ReLU SAE encoder with fixed random weights, the shape `atlas.saes` SAEs have."""
 
-    def __init__(self, d_in: int, d_sae: int, seed: int = 0):
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, b_dec: torch.Tensor | None = None):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.W_enc = nn.Parameter(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
         self.b_enc = nn.Parameter(torch.randn(d_sae, generator=g) * 0.1)
         self.W_dec = nn.Parameter(self.W_enc.data.T.clone())
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in) if b_dec is None else b_dec.clone())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
 
 
-def make_sae(d_in: int, d_sae: int = D_SAE) -> nn.Module:
-    return StandInSAE(d_in, d_sae).eval().requires_grad_(False)
+def make_sae(d_in: int, d_sae: int = D_SAE, b_dec: torch.Tensor | None = None) -> nn.Module:
+    return StandInSAE(d_in, d_sae, b_dec=b_dec).eval().requires_grad_(False)
 
 
-def export_tiny(world: Path, out: Path, quantization: str = "int8-emb4", min_top1: float = 0.9) -> Path:
-    """Export the tiny world's model (layer 2) plus a stand-in SAE into `out`; returns `out`."""
+def tiny_cfg(world: Path, quantization: str = "auto", min_top1: float = 0.97, min_overlap: float = 0.95) -> RunConfig:
     cfg = RunConfig()
     cfg.model.name, cfg.model.layer = str(world / "model"), LAYER
     cfg.corpus.dataset = str(world / "corpus.jsonl")
-    cfg.export.quantization, cfg.export.min_top1_agreement = quantization, min_top1
+    cfg.export.quantization = quantization
+    cfg.export.min_top1_agreement, cfg.export.min_topk_overlap = min_top1, min_overlap
+    return cfg
+
+
+def export_tiny(world: Path, out: Path, quantization: str = "auto", min_top1: float = 0.97,
+                min_overlap: float = 0.95, sae: nn.Module | None = None) -> Path:
+    """Export the tiny world's model (layer 2) plus a stand-in SAE into `out`; returns `out`."""
+    cfg = tiny_cfg(world, quantization, min_top1, min_overlap)
     loaded = load_model(cfg.model.name)
     out.mkdir(parents=True, exist_ok=True)
-    export.export_dir(out, loaded, make_sae(loaded.d_model), cfg, "test", export.parity_contexts(cfg, loaded))
+    export.export_dir(out, loaded, sae or make_sae(loaded.d_model), cfg, "test", export.parity_contexts(cfg, loaded))
     return out
 
 
@@ -64,11 +72,15 @@ def loaded(tiny_world):
     return load_model(str(tiny_world / "model"))
 
 
-def torch_topk(loaded, ids: list[int], k: int = 32):
+def torch_topk(loaded, ids: list[int], k: int = 32) -> export.Encoded:
     graph = export.EncoderGraph(loaded.truncated(LAYER), make_sae(loaded.d_model), k).eval()
+    return export.torch_outputs(graph, [ids])
+
+
+def hook_residual(loaded, ids: list[int]) -> torch.Tensor:
+    """The residual before block LAYER from the full model's hidden states (not TruncatedModel)."""
     with torch.no_grad():
-        i, a = graph(torch.tensor([ids], dtype=torch.int32))
-    return i[0].numpy(), a[0].numpy()
+        return loaded.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER][0]
 
 
 def test_files_and_metadata(exported):
@@ -78,62 +90,99 @@ def test_files_and_metadata(exported):
     assert meta["onnx"] == "encoder.web.onnx" and "tokenizer.json" in meta["files"]
     assert meta["top_k"] == 32 and meta["d_sae"] == D_SAE and meta["layer"] == LAYER
     assert meta["max_tokens"] == 128 and meta["prepend_bos"] is True
+    assert meta["outputs"] == {"ids": "top_ids", "acts": "top_acts", "n_active": "n_active"}
     assert meta["total_bytes"] == sum((exported / f).stat().st_size for f in meta["files"])
     assert all((exported / f).stat().st_size <= export.MAX_FILE_BYTES for f in meta["files"])
 
 
-def test_parity_report(exported):
+def test_parity_report_records_the_choice(exported):
     report = json.loads((exported / "parity.json").read_text())
     assert report["full"]["ok"] and report["full"]["ids_match"] >= 0.999 and report["full"]["max_rel_err"] <= 1e-4
-    assert report["web"]["ok"] and report["web"]["top1_agreement"] >= 0.9
+    assert report["requested"] == "auto" and report["quantization"] in export.QUANTIZATIONS
+    modes = list(report["modes"])
+    assert modes == list(export.QUANTIZATIONS)[:len(modes)]  # tried smallest first, up to the choice
+    assert modes[-1] == report["quantization"] and report["web"] == report["modes"][modes[-1]]
+    assert all(not report["modes"][m]["ok"] for m in modes[:-1]) and report["web"]["ok"]
+    assert report["web"]["top1_agreement"] >= 0.97 and report["web"]["topk_overlap"] >= 0.95
+    assert report["web"]["bytes"] == report["total_bytes"]
     assert report["n_contexts"] == 16 and report["full"]["n_tokens"] > 100
+
+
+def test_config_names_every_mode():
+    assert set(WEB_QUANTIZATIONS) == {export.AUTO, *export.QUANTIZATIONS}
+    assert RunConfig().export.quantization == export.AUTO
 
 
 @pytest.mark.parametrize("n", [1, 2, 37, 128])
 def test_full_precision_matches_torch_at_any_length(exported, loaded, n):
     rng = np.random.default_rng(n)
     ids = [loaded.bos_token_id] + rng.integers(0, loaded.tokenizer.vocab_size, n - 1).tolist()
-    ref_ids, ref_acts = torch_topk(loaded, ids)
-    got_ids, got_acts = export.run_session(export.session(exported / "encoder.onnx"), ids)
-    assert got_ids.shape == (n, 32) and got_ids.dtype == np.int32
-    r = export.compare(ref_ids, ref_acts, got_ids, got_acts)
-    assert r["ids_match"] == 1.0 and r["max_rel_err"] < 1e-4
+    got = export.run_session(export.session(exported / "encoder.onnx"), ids)
+    assert got.top_ids.shape == (n, 32) and got.top_ids.dtype == np.int32
+    assert got.n_active.shape == (n,) and got.n_active.dtype == np.int32
+    r = export.compare(torch_topk(loaded, ids), got)
+    assert r["ids_match"] == 1.0 and r["max_rel_err"] < 1e-4 and r["n_active_match"] == 1.0
+
+
+def test_n_active_counts_all_latents(exported, loaded):
+    """n_active is the dense count of latents > 0, checked against the full model's hidden states
+    and a dense PyTorch encode; this ReLU SAE has far more than k active latents."""
+    ids = export.encode_with_bos(loaded, "Once upon a time, there was a little dog named Max.", 128)
+    dense = (make_sae(loaded.d_model).encode(hook_residual(loaded, ids)) > 0).sum(-1).numpy()
+    assert dense.min() > 32  # more active latents than the top k shows
+    full = export.run_session(export.session(exported / "encoder.onnx"), ids)
+    assert np.array_equal(full.n_active, dense)
+    web = export.run_session(export.session(exported / "encoder.web.onnx"), ids)
+    assert np.abs(web.n_active - dense).mean() < 0.02 * dense.mean()
+
+
+def test_web_weights_are_dequantised_once_at_load(exported, tmp_path):
+    """The web file stores weights as integers; onnxruntime folds the nodes that rebuild them when
+    the session opens, leaving float MatMuls on float activations with exactly the weights
+    `dequantized_weight` computes (nothing is quantised per call)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    q = export.QUANTIZATIONS[json.loads((exported / "parity.json").read_text())["quantization"]]
+    web = onnx.load(exported / "encoder.web.onnx")
+    ops = [n.op_type for n in web.graph.node]
+    assert not {"MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "DequantizeLinear"} & set(ops)
+    gather = next(n for n in web.graph.node if n.op_type == "GatherBlockQuantized")
+    assert ops.count("GatherBlockQuantized") == 1 and {a.name: a.i for a in gather.attribute}["bits"] == q.embedding_bits
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 4096 for t in web.graph.initializer)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(exported / "encoder.web.onnx"), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert not {"Cast", "Sub"} & {n.op_type for n in optimized.graph.node if n.input[0].endswith(("_q_int", "_q_zp"))}
+    folded = {t.name: numpy_helper.to_array(t) for t in optimized.graph.initializer}
+    full = onnx.load(exported / "encoder.onnx")
+    weights = {n.input[1] for n in full.graph.node if n.op_type == "MatMul"}
+    checked = [t.name for t in full.graph.initializer if t.name in weights]
+    assert len(checked) == 2 * 4 + 1  # 2 blocks x 4 MatMuls, and the SAE encoder
+    for t in full.graph.initializer:
+        if t.name in weights:
+            assert np.array_equal(folded[t.name], export.dequantized_weight(numpy_helper.to_array(t), q.weight_block)), t.name
+
+
+@pytest.mark.parametrize("block", [0, 32])
+def test_dequantized_weight_error_is_half_a_step(block):
+    """8-bit blocks along the input dimension: the error is half a step, plus what rounding the
+    scale to float16 (relative error <= 2**-11) adds at the block's edge."""
+    w = np.random.default_rng(block).normal(size=(96, 40)).astype(np.float32)
+    deq = export.dequantized_weight(w, block)
+    blocks = w.reshape(-1, block or 96, 40)
+    step = (np.maximum(blocks.max(1), 0) - np.minimum(blocks.min(1), 0)) / 255  # [n_blocks, cols]
+    bound = np.repeat(step * (0.5 + 255 * 2**-11), block or 96, axis=0) + 1e-7
+    assert (np.abs(deq - w) <= bound).all() and np.abs(deq - w).max() > 0.3 * step.min()
 
 
 def test_web_file_is_close_to_torch(exported, loaded):
     ids = export.encode_with_bos(loaded, "Once upon a time, there was a little dog named Max.", 128)
-    r = export.compare(*torch_topk(loaded, ids), *export.run_session(export.session(exported / "encoder.web.onnx"), ids))
-    assert r["topk_overlap"] > 0.8
-
-
-def test_default_web_file_is_int8_with_a_4bit_embedding(exported, loaded):
-    """The default: every constant-weight MatMul int8, the token table 4-bit, nothing else 4-bit."""
-    import onnx
-
-    assert RunConfig().export.quantization == "int8-emb4"
-    model = onnx.load(exported / "encoder.web.onnx")
-    ops = [n.op_type for n in model.graph.node]
-    assert ops.count("GatherBlockQuantized") == 1 and "MatMulNBits" not in ops and "MatMulInteger" in ops
-    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-    data = next(t for t in model.graph.initializer if t.name == node.input[0])
-    assert node.domain == "com.microsoft" and data.data_type == onnx.TensorProto.UINT8
-    vocab = loaded.model.get_input_embeddings().weight.shape[0]
-    assert list(data.dims) == [vocab, loaded.d_model // 2]  # the token table, two values a byte
-
-
-@pytest.mark.parametrize("mode, op", [("int4", "MatMulNBits"), ("int8", "MatMulInteger")])
-def test_other_modes_export_and_the_budget_warns(tiny_world, tmp_path, exported, monkeypatch, capsys, mode, op):
-    import onnx
-
-    monkeypatch.setattr(export, "WEB_BUDGET_BYTES", 100_000)  # the tiny model's files are larger
-    out = export_tiny(tiny_world, tmp_path / mode, mode, min_top1=0.0)
-    ops = {n.op_type for n in onnx.load(out / "encoder.web.onnx").graph.node}
-    assert op in ops and "GatherBlockQuantized" not in ops
-    report, meta = (json.loads((out / f).read_text()) for f in ("parity.json", "model.json"))
-    assert report["total_bytes"] == meta["total_bytes"] > 100_000 and report["within_budget"] is False
-    assert f"web download is {meta['total_bytes'] / 1e6:.1f} MB, over the 0 MB budget" in capsys.readouterr().out
-    default = json.loads((exported / "parity.json").read_text())
-    assert default["within_budget"] is True and default["quantization"] == "int8-emb4"
+    r = export.compare(torch_topk(loaded, ids), export.run_session(export.session(exported / "encoder.web.onnx"), ids))
+    assert r["topk_overlap"] > 0.9
 
 
 def test_model_json_lists_only_what_the_browser_loads(exported):
@@ -142,22 +191,23 @@ def test_model_json_lists_only_what_the_browser_loads(exported):
     assert not {"encoder.onnx", "parity.json", "model.json", "stamp.json"} & set(meta["files"])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("cols, block", [(64, 64), (768, 64), (100, 32), (48, 16)])
-def test_4bit_table_is_what_onnxruntime_gathers(cols, block):
-    """`quantize_4bit_rows` packs what GatherBlockQuantized reads; error within half a step per block."""
+def test_quantized_table_is_what_onnxruntime_gathers(cols, block, bits):
+    """`quantize_table` lays out what GatherBlockQuantized reads; error within half a step per block."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(cols).normal(size=(300, cols)).astype(np.float32)
     w[7] = 0.0
-    data, scale, zps = export.quantize_4bit_rows(w, block)
-    deq = export.dequantize_4bit_rows(data, scale, zps, block)
+    data, scale, zps = export.quantize_table(w, bits, block)
+    deq = export.dequantize_table(data, scale, zps, bits, block)
     blk = np.arange(cols) // block
     step = scale.astype(np.float32)[:, blk]
     assert scale.dtype == np.float16 and (np.abs(deq - w) <= step / 2 + 2e-3 * np.abs(w) + 1e-6).all()
     assert (deq[7] == 0).all()
     node = helper.make_node("GatherBlockQuantized", ["d", "i", "s", "z"], ["y"], domain="com.microsoft",
-                            gather_axis=0, quantize_axis=1, block_size=block)
+                            gather_axis=0, quantize_axis=1, block_size=block, bits=bits)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("i", TensorProto.INT64, [2, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)],
                               [numpy_helper.from_array(a, n) for a, n in ((data, "d"), (scale, "s"), (zps, "z"))])
@@ -167,11 +217,110 @@ def test_4bit_table_is_what_onnxruntime_gathers(cols, block):
     assert y.dtype == np.float16 and np.array_equal(y.astype(np.float32), deq[idx])
 
 
-def test_low_agreement_fails_the_export(tiny_world, tmp_path):
-    from atlas.errors import AtlasError
+# ---------------------------------------------------------------- the gate, and massive activations
 
-    with pytest.raises(AtlasError, match="min_top1_agreement"):
-        export_tiny(tiny_world, tmp_path / "strict", "int4", min_top1=1.01)
+
+def old_dynamic_int8(model):
+    """The web file before issue #10 (`int8-emb4`): onnxruntime's dynamic int8 quantisation, which
+    quantises every MatMul's activations to 8 bits with one scale per tensor."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    export._quantize_embedding(model, 4, export.EMBED_BLOCK)
+    with tempfile.TemporaryDirectory() as d:
+        onnx.save(model, f"{d}/in.onnx")
+        quantize_dynamic(f"{d}/in.onnx", f"{d}/out.onnx", op_types_to_quantize=["MatMul", "Gather"],
+                         weight_type=QuantType.QInt8, per_channel=True, extra_options={"MatMulConstBOnly": True})
+        return onnx.load(f"{d}/out.onnx")
+
+
+@pytest.fixture(scope="module")
+def massive_world(tiny_world, tmp_path_factory):
+    from tiny_world import build_massive
+
+    return build_massive(tmp_path_factory.mktemp("massive-world"), tiny_world)
+
+
+@pytest.fixture(scope="module")
+def massive_sae(massive_world):
+    """A stand-in SAE whose b_dec is the residual's median, as a trained SAE's is: the constant
+    every-token dimensions are subtracted before the encoder, the first token's are not."""
+    loaded = load_model(str(massive_world / "model"))
+    contexts = export.parity_contexts(tiny_cfg(massive_world), loaded)
+    resid = torch.cat([hook_residual(loaded, ids)[1:] for ids in contexts])
+    return make_sae(loaded.d_model, b_dec=resid.median(dim=0).values)
+
+
+def test_massive_world_has_massive_activations(massive_world):
+    from tiny_world import MASSIVE_EVERY_TOKEN, MASSIVE_FIRST_TOKEN
+
+    loaded = load_model(str(massive_world / "model"))
+    resid = hook_residual(loaded, export.encode_with_bos(loaded, "Tom met Lily in the park.", 128)).abs()
+    typical = resid.median()
+    for dim in MASSIVE_FIRST_TOKEN:
+        assert resid[0, dim] > 100 * typical and resid[1:, dim].max() < 10 * typical
+    for dim in MASSIVE_EVERY_TOKEN:
+        assert resid[1:, dim].min() > 10 * typical
+
+
+def test_gate_catches_int8_activations_on_massive_activations(massive_world, massive_sae, tmp_path):
+    """The test that would have caught issue #10: with massive activations, dynamic int8 activations
+    fail the gate while the default web file (float activations) passes it."""
+    out = export_tiny(massive_world, tmp_path / "onnx", sae=massive_sae)
+    report = json.loads((out / "parity.json").read_text())
+    assert report["web"]["ok"] and report["web"]["top1_agreement"] >= 0.97 and report["web"]["topk_overlap"] >= 0.95
+
+    import onnx
+
+    cfg = tiny_cfg(massive_world)
+    loaded = load_model(cfg.model.name)
+    contexts = export.parity_contexts(cfg, loaded)
+    reference = export.torch_outputs(export.EncoderGraph(loaded.truncated(LAYER), massive_sae, 32).eval(), contexts)
+    onnx.save(old_dynamic_int8(onnx.load(out / "encoder.onnx")), tmp_path / "old.onnx")
+    old = export.check_file(tmp_path / "old.onnx", contexts, reference)
+    assert not export.passes(old, cfg.export) and old["top1_agreement"] < 0.8, old
+
+
+def test_old_int8_passes_without_massive_activations(tiny_world, exported, loaded, tmp_path):
+    """The control: on the plain tiny world the old file is close to PyTorch, so the failure above
+    is the massive activations' doing."""
+    import onnx
+
+    cfg = tiny_cfg(tiny_world)
+    contexts = export.parity_contexts(cfg, loaded)
+    reference = export.torch_outputs(export.EncoderGraph(loaded.truncated(LAYER), make_sae(loaded.d_model), 32).eval(),
+                                     contexts)
+    onnx.save(old_dynamic_int8(onnx.load(exported / "encoder.onnx")), tmp_path / "old.onnx")
+    assert export.check_file(tmp_path / "old.onnx", contexts, reference)["topk_overlap"] > 0.9
+
+
+def test_named_mode_that_fails_names_one_that_passes(tiny_world, tmp_path, capsys):
+    """A gate the smallest mode misses: the export stops with one line naming a mode that passes."""
+    first, *rest = export.QUANTIZATIONS
+    report = json.loads((export_tiny(tiny_world, tmp_path / "auto", min_top1=0.0, min_overlap=0.0) / "parity.json").read_text())
+    smallest = report["modes"][first]  # the smallest mode's figures, to set a gate it just misses
+    with pytest.raises(AtlasError, match=rf"export.quantization = {first}: .* ({'|'.join(rest)}) passes .* set export.quantization to"):
+        export_tiny(tiny_world, tmp_path / "named", first, min_top1=min(1.0, smallest["top1_agreement"] + 1e-9), min_overlap=0.0)
+
+
+def test_no_mode_passing_stops_the_export(tiny_world, tmp_path):
+    with pytest.raises(AtlasError, match="no web mode passes the gate"):
+        export_tiny(tiny_world, tmp_path / "strict", min_top1=1.0, min_overlap=1.0)
+    assert not (tmp_path / "strict" / "parity.json").exists()
+
+
+def test_budget_warning(tiny_world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export, "WEB_BUDGET_BYTES", 100_000)  # the tiny model's files are larger
+    out = export_tiny(tiny_world, tmp_path / "onnx")
+    report, meta = (json.loads((out / f).read_text()) for f in ("parity.json", "model.json"))
+    assert report["total_bytes"] == meta["total_bytes"] > 100_000 and report["within_budget"] is False
+    assert f"web download is {meta['total_bytes'] / 1e6:.1f} MB, over the 0 MB budget" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- files and tokenizer
 
 
 def test_large_weights_are_split(exported, loaded, monkeypatch, tmp_path):
@@ -184,7 +333,7 @@ def test_large_weights_are_split(exported, loaded, monkeypatch, tmp_path):
     ids = export.encode_with_bos(loaded, "Tom met Lily in the park.", 128)
     a = export.run_session(export.session(tmp_path / "encoder.onnx"), ids)
     b = export.run_session(export.session(exported / "encoder.onnx"), ids)
-    assert (a[0] == b[0]).all() and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
+    assert (a.top_ids == b.top_ids).all() and np.allclose(a.top_acts, b.top_acts, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(shutil.which("node") is None or not (ROOT / "node_modules/@huggingface/tokenizers").exists(),
@@ -201,7 +350,8 @@ def test_js_tokenizer_matches_python(exported, loaded):
 
 
 def test_run_with_an_atlas_sae(tiny_world, tmp_path, monkeypatch, capsys):
-    """`export.run` end to end: a topk SAE from atlas.saes in runs/X/sae/, stamped; a second run is skipped."""
+    """`export.run` end to end: a topk SAE from atlas.saes in runs/X/sae/, stamped; a second run is
+    skipped. Its n_active is the dense count (at most k for TopK)."""
     saes = pytest.importorskip("atlas.saes")
     from atlas.stage import atomic_dir, read_stamp
 
@@ -210,11 +360,18 @@ def test_run_with_an_atlas_sae(tiny_world, tmp_path, monkeypatch, capsys):
     cfg.model.name, cfg.model.layer = str(tiny_world / "model"), LAYER
     cfg.corpus.dataset = str(tiny_world / "corpus.jsonl")
     cfg.sae.architecture, cfg.sae.d_sae, cfg.sae.k = "topk", 256, 8
+    sae = saes.build_sae(cfg.sae, 64)
     with atomic_dir(cfg.run_dir / "sae", "sae-fingerprint") as d:
-        saes.build_sae(cfg.sae, 64).save(d)
+        sae.save(d)
     out = export.run(cfg)
     report = json.loads((out / "parity.json").read_text())
     assert report["full"]["ok"] and report["web"]["ok"], report
     assert read_stamp(out)["fingerprint"] and not (tmp_path / "runs/t/onnx.tmp").exists()
+    loaded = load_model(cfg.model.name)
+    ids = export.encode_with_bos(loaded, "Tom met Lily in the park.", 128)
+    got = export.run_session(export.session(out / "encoder.onnx"), ids)
+    with torch.no_grad():
+        dense = (sae.eval().encode(hook_residual(loaded, ids)) > 0).sum(-1).numpy()
+    assert np.array_equal(got.n_active, dense) and dense.max() <= 8
     export.run(cfg)
     assert "up to date" in capsys.readouterr().out

@@ -17,7 +17,10 @@ from atlas.shards import (EXAMPLES_SCHEMA, FEATURES_SCHEMA, SCHEMA_VERSION, VOCA
 
 def feature_row(i: int) -> dict:
     return {
-        "feature_id": i, "label": f"feature {i} <b>", "label_source": "top-tokens", "n_fired": 10 * i,
+        "feature_id": i, "label": f"feature {i} <b>", "label_source": "token-set",
+        "label_rule": '{"kind":"tokens","atoms":[1,2]}', "label_precision": 0.5 if i != 5 else None,
+        "label_recall": 0.25 if i != 5 else None, "label_f1": 1 / 3 if i != 5 else None, "label_matched": 4 * i,
+        "heldout_fired": 2 * i, "label_scoring": "rule" if i != 5 else "", "n_fired": 10 * i,
         "density": 0.001 * i, "mean_act": 1.5, "max_act": 4.0 + i,
         "hist_edges": [0.5, 1.0, 2.0], "hist_counts": [7, 3 * i], "interval_edges": [0.0, 2.0, 4.0 + i],
         "top_logit_ids": [1, 2], "top_logit_values": [0.5, 0.25], "bottom_logit_ids": [3, 4],
@@ -87,7 +90,7 @@ def test_truncated_or_foreign_shard_is_a_clear_error(features_dir, tmp_path):
         read_table(p, EXAMPLES_SCHEMA)
     other = tmp_path / "other.parquet"
     pq.write_table(pa.table({"feature_id": [1]}), other)
-    with pytest.raises(AtlasError, match="not a feature shard of schema v1 \\(missing label"):
+    with pytest.raises(AtlasError, match=f"not a feature shard of schema v{SCHEMA_VERSION} \\(missing label"):
         read_table(other, FEATURES_SCHEMA)
     (features_dir / "features-00000.parquet").unlink()
     with pytest.raises(AtlasError, match="features-00000.parquet: missing shard"):
@@ -102,7 +105,7 @@ def test_manifest_errors_and_unknown_feature(features_dir):
     with pytest.raises(AtlasError, match="manifest.json: not valid JSON"):
         read_manifest(features_dir)
     m.write_text(json.dumps({"schema_version": 99, "shard_size": 4}))
-    with pytest.raises(AtlasError, match="schema version 99, expected 1"):
+    with pytest.raises(AtlasError, match=f"schema version 99, expected {SCHEMA_VERSION}"):
         read_manifest(features_dir)
     m.unlink()
     with pytest.raises(AtlasError, match="manifest.json: missing; run `atlas analyze` first"):

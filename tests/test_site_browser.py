@@ -1,20 +1,81 @@
-"""The built site in headless Chromium: pages load without console errors or outside requests,
-the explorer, map and search work, and screenshots of the main views are kept for a look.
+"""The built site in headless Chromium, served at a sub-path as GitHub Pages serves a project site
+(`user.github.io/my-atlas/`): every page loads without console errors, failed requests or a request
+outside the site; the explorer, map, search and the prompt analyser work, the analyser's results
+match Python onnxruntime on the same web file; screenshots of the main views are kept for a look.
+
+Two sites are built once per session: the tiny run end to end (`atlas all`: a trained TopK SAE,
+k = 8, exported with `export.top_k = 4`, so the browser sees fewer latents than fire and has to
+say so), served at /my-atlas/, and the synthetic run of test_build (hostile labels and tokens),
+served at /hostile/.
 
 Screenshots go to $ATLAS_SCREENSHOTS (default: the test's tmp dir).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import urllib.request
 from pathlib import Path
+from urllib.parse import urldefrag
 
+import numpy as np
 import pytest
 
-from browser import serve
-from test_build import built_site  # noqa: F401  (the shared built site fixture)
+from browser import all_in_sight, check_heatmap, close, ort_reference, serve
+from test_build import built_site  # noqa: F401  (the synthetic site, hostile text included)
 
 pytestmark = pytest.mark.browser
+
+PREFIX, HOSTILE = "/my-atlas/", "/hostile/"
+TOP_K = 4          # what the browser sees per token; the tiny SAE fires k = 8 latents per token
+TEXT = "Once upon a time, Lily saw a big red ball in the park. She was happy."
+PAGES = ["index.html", "explorer.html", "map.html", "search.html", "notable.html", "methodology.html",
+         "about.html", "prompt.html"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_world, tmp_path_factory) -> Path:
+    """runs/tiny of the tiny world, built once by `atlas all` (training shortened: 60k tokens)."""
+    from atlas.cli import main
+    from conftest import tiny_yaml
+
+    work = tmp_path_factory.mktemp("tiny-site")
+    # The web file's agreement with PyTorch is test_export's subject (its gate is kept low here, so the
+    # shortened training cannot fail the fixture); these tests compare the browser with Python
+    # onnxruntime on the same web file, which must agree whatever its agreement with PyTorch.
+    tiny_yaml(tiny_world, work, export={"top_k": TOP_K, "min_top1_agreement": 0.8, "min_topk_overlap": 0.8},
+              train={"n_tokens": 60_000})
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        assert main(["all", "--config", "tiny.yaml"]) == 0
+    finally:
+        os.chdir(cwd)
+    return work / "runs" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_site(tiny_run) -> Path:
+    return tiny_run / "site"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_site):
+    with serve({PREFIX: tiny_site}) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def hostile_server(built_site):  # noqa: F811
+    with serve({HOSTILE: built_site}) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def site_url(server):
+    return server.url(PREFIX)
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +86,9 @@ def shots(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def site_url(built_site):
-    with serve(built_site) as url:
-        yield url
+def live_feature(tiny_site) -> int:
+    """A feature whose page shows highlighted examples."""
+    return next(i for i in range(256) if "data-v=" in (tiny_site / f"features/{i}/index.html").read_text())
 
 
 def _visit(browser, url, shot: Path | None = None, dark=False):
@@ -42,36 +103,86 @@ def _visit(browser, url, shot: Path | None = None, dark=False):
     return page
 
 
-def _clean(page):
-    errors = [e for e in page.console_errors if "analyser" not in e]
-    assert not errors, errors
+def _clean(page, server, base: str):
+    """No console error, no failed response, no request outside the site at `base` (same origin included)."""
+    assert not page.console_errors, page.console_errors
+    assert not page.failed, page.failed
+    outside = [u for u in page.requests if not u.startswith(base) and not u.startswith(("data:", "blob:"))]
+    assert not outside, outside
+    assert not server.stray, server.stray
 
 
 AFTER = "(sel) => getComputedStyle(document.querySelector(sel), '::after').content"
 
 
-def test_home_and_feature_page(browser, site_url, shots):
+# ---------------------------------------------------------------- the site at a sub-path
+
+
+def test_every_page_loads_clean_at_the_sub_path(browser, server, site_url, live_feature):
+    """Each hand-written page and some feature pages load with no error and no request outside
+    /my-atlas/, and every link, script and stylesheet they name is served (HTTP 200) there."""
+    checked: dict[str, int] = {}
+    for name in PAGES + ["features/0/index.html", f"features/{live_feature}/index.html", "features/255/index.html"]:
+        page = _visit(browser, site_url + name)
+        _clean(page, server, site_url)
+        refs = page.eval_on_selector_all("a[href], link[href], script[src], img[src]",
+                                         "els => els.map(e => e.href || e.src)")
+        for ref in refs:
+            url = urldefrag(ref).url
+            if not url.startswith(server.origin) or url in checked:
+                continue
+            assert url.startswith(site_url), f"{name}: {ref} is outside the site"
+            with urllib.request.urlopen(url) as r:
+                checked[url] = r.status
+        page.close()
+    assert set(checked.values()) == {200}
+    assert sum("/features/" in u for u in checked) >= 50                  # the explorer's first page of features
+    assert any("/js/analyser/" in u for u in checked) and any("/assets/vendor/" in u for u in checked)
+    # GitHub Pages answers /my-atlas with a redirect to /my-atlas/; so does this server
+    page = _visit(browser, site_url.rstrip("/"))
+    assert page.url == site_url and page.locator("h1").first.inner_text()
+
+
+def test_home_and_feature_page(browser, server, site_url, live_feature, shots):
     page = _visit(browser, site_url + "index.html", shots / "home.png")
     assert page.locator("h1").first.inner_text()
-    _clean(page)
+    _clean(page, server, site_url)
     for dark in (False, True):
-        page = _visit(browser, site_url + "features/53/index.html", shots / f"feature{'-dark' * dark}.png", dark=dark)
+        page = _visit(browser, site_url + f"features/{live_feature}/index.html",
+                      shots / f"feature{'-dark' * dark}.png", dark=dark)
         assert page.locator(".atlas-ex i[data-v]").count() > 0
-        assert page.evaluate("() => !!window.__pwned") is False
-        assert page.locator("img[src=x]").count() == 0
         # the theme's icons are CSS masks on empty <svg>s: painted, at the theme's size
         icon = page.locator(".md-header__button.md-logo svg")
         assert "data:image/svg+xml" in icon.evaluate("e => getComputedStyle(e).webkitMaskImage || getComputedStyle(e).maskImage")
         assert icon.bounding_box()["width"] > 10
         scheme = page.evaluate("() => document.body.getAttribute('data-md-color-scheme')")
         assert scheme == ("slate" if dark else "default")
-        _clean(page)
+        _clean(page, server, site_url)
     assert not browser.external_requests, browser.external_requests
 
 
-def test_token_value_on_hover_and_focus(browser, site_url):
+def test_hostile_text_stays_text(browser, hostile_server):
+    """The synthetic run's labels and tokens carry markup: pages and the explorer show it as text."""
+    server = hostile_server
+    base = server.url(HOSTILE)
+    page = _visit(browser, base + "features/53/index.html")
+    assert page.locator(".atlas-ex i[data-v]").count() > 0
+    assert page.evaluate("() => !!window.__pwned") is False
+    assert page.locator("img[src=x]").count() == 0
+    _clean(page, server, base)
+    page = _visit(browser, base + "explorer.html")
+    page.wait_for_selector("#atlas-rows a")
+    page.fill("#atlas-filter", "script")
+    page.wait_for_function("() => document.querySelectorAll('#atlas-rows tr').length < 50")
+    assert "<script>" in page.locator("#atlas-rows").inner_text()
+    assert page.locator("#atlas-rows script, #atlas-rows img").count() == 0
+    _clean(page, server, base)
+    assert not browser.external_requests, browser.external_requests
+
+
+def test_token_value_on_hover_and_focus(browser, server, site_url, live_feature):
     """Active tokens show their value (data-v) on hover, and on keyboard focus (feature.js adds tabindex)."""
-    page = _visit(browser, site_url + "features/53/index.html")
+    page = _visit(browser, site_url + f"features/{live_feature}/index.html")
     sel = ".atlas-ex i[data-v]"
     token = page.locator(sel).first
     value = token.get_attribute("data-v")
@@ -88,10 +199,10 @@ def test_token_value_on_hover_and_focus(browser, site_url):
     focused = page.evaluate("() => [document.activeElement.getAttribute('data-v'), "
                             "getComputedStyle(document.activeElement, '::after').content]")
     assert focused[0] and focused[1] == f'"{focused[0]}"'
-    _clean(page)
+    _clean(page, server, site_url)
 
 
-def test_katex_renders_formulas(browser, site_url, shots):
+def test_katex_renders_formulas(browser, server, site_url, shots):
     """methodology.html: the TeX that arithmatex leaves is typeset by KaTeX, copied from node_modules."""
     page = _visit(browser, site_url + "methodology.html")
     page.wait_for_selector(".arithmatex .katex", timeout=10_000)
@@ -101,25 +212,30 @@ def test_katex_renders_formulas(browser, site_url, shots):
     assert page.locator(".katex-error").count() == 0
     assert page.locator(".katex-display").count() > 0       # display formulas too
     page.screenshot(path=str(shots / "methodology.png"))
-    _clean(page)
-    assert not browser.external_requests, browser.external_requests
+    _clean(page, server, site_url)
 
 
-def test_explorer_sorts_and_filters(browser, site_url, shots):
+def test_explorer_sorts_and_filters(browser, server, site_url, tiny_site, shots):
+    text = (tiny_site / "data/features.js").read_text(encoding="utf-8")
+    labels = [lab.lower() for lab in json.loads(text[text.index(",") + 1: text.rindex(")")])["label"]]
+    words = sorted({w for lab in labels for w in re.findall(r"[a-z]{4,}", lab)})
+    word = next(w for w in words if 1 < sum(w in lab for lab in labels) < 20)   # fits one page of rows
     page = _visit(browser, site_url + "explorer.html")
     page.wait_for_selector("#atlas-rows a")
     page.click("button[data-sort=max_act]")
     first = page.locator("#atlas-rows tr").first.inner_text()
-    page.fill("#atlas-filter", "script")
-    page.wait_for_function("() => document.querySelectorAll('#atlas-rows tr').length < 50")
-    assert "<script>" in page.locator("#atlas-rows").inner_text()
+    page.fill("#atlas-filter", word)
+    n = sum(word in lab for lab in labels)
+    page.wait_for_function(f"() => document.querySelectorAll('#atlas-rows tr').length === {n}")
+    rows = page.locator("#atlas-rows tr").all_inner_texts()
+    assert all(word in r.lower() for r in rows)
     page.fill("#atlas-filter", "")
     page.screenshot(path=str(shots / "explorer.png"))
     assert first
-    _clean(page)
+    _clean(page, server, site_url)
 
 
-def test_map_hover_and_click(browser, site_url, shots):
+def test_map_hover_and_click(browser, server, site_url, shots):
     page = _visit(browser, site_url + "map.html")
     page.wait_for_function("() => document.getElementById('atlas-map-status').textContent.includes('live')")
     box = page.locator("#atlas-map-canvas").bounding_box()
@@ -137,33 +253,158 @@ def test_map_hover_and_click(browser, site_url, shots):
     assert found
     page.mouse.down()
     page.mouse.up()
-    page.wait_for_url("**/features/*/index.html")
-    _clean(page)
+    page.wait_for_url(site_url + "features/*/index.html")
+    _clean(page, server, site_url)
 
 
-def test_search_by_label_and_token(browser, site_url, shots):
+def test_search_by_label_and_token(browser, server, site_url, shots):
     page = _visit(browser, site_url + "search.html")
     page.fill("#atlas-q", "after")
     page.wait_for_selector("#atlas-results li")
     page.check("input[value=token]")
-    page.fill("#atlas-q", "Once")
+    page.fill("#atlas-q", "Lily")
     page.wait_for_function("() => document.getElementById('atlas-search-status').textContent.includes('fire on')")
     assert page.locator("#atlas-results li").count() > 0
+    assert page.locator("#atlas-results a").first.evaluate("a => a.href").startswith(site_url + "features/")
     # functional only: its speed is measured by tests/bench/bench_build.py (timing targets live in `make bench`)
-    entry = page.evaluate("() => Atlas.tokenEntry(' Once')")
+    entry = page.evaluate("() => Atlas.tokenEntry(' Lily')")
     assert entry and entry[0] and len(entry[0]) == len(entry[1])
     assert page.evaluate("() => Atlas.tokenEntry('no such token at all')") is None
     page.screenshot(path=str(shots / "search.png"))
-    _clean(page)
+    _clean(page, server, site_url)
     assert not browser.external_requests, browser.external_requests
 
 
-def test_file_url_pages_work(browser, built_site):
-    """Page by page from file://: links resolve and the explorer loads its index by <script>."""
+def test_file_url_pages_work(browser, tiny_site):
+    """Page by page from file://: links resolve and the explorer loads its index by <script>; the
+    prompt page says that analysis needs a local server."""
     page = browser.new_page()
-    page.goto((built_site / "explorer.html").as_uri())
+    page.goto((tiny_site / "explorer.html").as_uri())
     page.wait_for_selector("#atlas-rows a")
     href = page.locator("#atlas-rows a").first.get_attribute("href")
     assert href.startswith("file://") and href.endswith("/index.html")
     page.goto(href)
     assert page.locator(".atlas-ex i[data-v]").count() > 0 or page.locator(".atlas-badge.dead").count() > 0
+    page.goto((tiny_site / "prompt.html").as_uri())
+    assert "python -m http.server" in page.inner_text(".atlas-needs-server")
+    assert page.is_disabled(".atlas-prompt-form button")
+
+
+# ---------------------------------------------------------------- the prompt analyser, end to end
+
+
+def _wait_done(page, section: str):
+    page.wait_for_selector(f"{section}[data-state=done], {section}[data-state=error]", state="attached", timeout=60_000)
+    assert page.get_attribute(section, "data-state") == "done", page.inner_text(f"{section} .atlas-status")
+
+
+def test_prompt_page_end_to_end(browser, server, site_url, tiny_site, shots):
+    """At /my-atlas/: the model loads from /my-atlas/onnx/, each token's features match Python
+    onnxruntime on the same web file, and the page says how many features it shows of how many fire."""
+    page = _visit(browser, site_url + "prompt.html")
+    page.fill(".atlas-prompt-input", TEXT)
+    page.click(".atlas-prompt-form button")
+    _wait_done(page, "section.atlas-prompt")
+    ref = ort_reference(tiny_site, TEXT)
+    ids, k = ref["ids"], ref["k"]
+    assert k == TOP_K and ref["n_active"] is not None, "the export has no n_active output"
+    spans = page.query_selector_all(".atlas-tokens .atlas-token")
+    assert len(spans) == len(ids)
+    # each token's strongest feature (hover shows the token's features, strongest first)
+    for t in range(1, len(ids)):
+        spans[t].dispatch_event("mouseenter")
+        assert page.get_attribute(".atlas-token-features", "data-index") == str(t)
+        items = page.query_selector_all(".atlas-token-features li")
+        got = [(int(li.get_attribute("data-feature-id")), float(li.get_attribute("data-act"))) for li in items]
+        want = [(int(i), float(a)) for i, a in zip(ref["top_ids"][t], ref["top_acts"][t]) if a > 0]
+        assert len(got) == len(want)
+        if got[0][0] != want[0][0]:        # a near-tie may flip between kernels, never a clear winner
+            acts = dict(want)
+            assert got[0][0] in acts and close(acts[got[0][0]], want[0][1]), (t, got, want)
+        assert close(got[0][1], want[0][1]), (t, got, want)
+        n = int(ref["n_active"][t])
+        coverage = page.inner_text(".atlas-token-coverage")
+        assert coverage == (f"All {n} features that fire on this token." if n == len(want)
+                            else f"The {len(want)} strongest of the {n} features that fire on this token."), coverage
+        href = items[0].query_selector("a").evaluate("a => a.href")
+        assert href == f"{site_url}features/{got[0][0]}/index.html"
+    # the prompt as a whole: how many tokens have more features than the browser sees
+    hidden = [t for t in range(1, len(ids)) if not all_in_sight(ref, t)]
+    assert hidden, "the tiny SAE fires 8 latents per token and the export shows 4: some must be out of sight"
+    line = page.inner_text(".atlas-coverage")
+    assert line == (f"The analyser sees the {k} strongest features of each token: on {len(hidden)} of the "
+                    f"{len(ids) - 1} tokens more fire (up to {int(ref['n_active'][1:].max())}), and the weaker "
+                    "ones are left out of the lists and colours."), line
+    # the heatmap of the strongest feature (chosen by default)
+    feature = int(page.input_value(".atlas-feature-input"))
+    best = max(((float(a), int(i)) for t in range(1, len(ids)) for i, a in zip(ref["top_ids"][t], ref["top_acts"][t])))
+    assert feature == best[1] or close(best[0], float(page.get_attribute(".atlas-strongest li", "data-act")))
+    check_heatmap(spans, ref, feature)
+    page.screenshot(path=str(shots / "prompt.png"), full_page=True)
+    _clean(page, server, site_url)
+    assert not browser.external_requests, browser.external_requests
+
+
+def _dense_acts(run: Path, ids: list[int]) -> np.ndarray:
+    """Every latent's activation [seq, d_sae], in full precision from the run's model and SAE."""
+    import json
+
+    import torch
+
+    from atlas.model import load_model
+    from atlas.saes import load_sae
+
+    meta = json.loads((run / "onnx" / "model.json").read_text())
+    loaded = load_model(meta["model"], device="cpu", dtype="float32")
+    sae = load_sae(run / "sae").float().eval()
+    with torch.no_grad():
+        resid = loaded.truncated(meta["layer"])(torch.tensor([ids]))
+        return sae.encode(resid)[0].numpy()
+
+
+def _try(browser, url: str, text: str):
+    page = _visit(browser, url)
+    page.fill(".atlas-try-input", text)
+    page.click(".atlas-try-form button")
+    _wait_done(page, "section.atlas-try")
+    return page
+
+
+def test_try_box_end_to_end(browser, server, site_url, tiny_site, tiny_run, shots):
+    """A feature page's box at /my-atlas/: a feature among a token's top k is shown with Python's
+    values; a feature that fires on the text (full-precision SAE) but is never among the top k the
+    browser sees is not reported as "does not fire": the box says what it knows."""
+    ref = ort_reference(tiny_site, TEXT)
+    ids = ref["ids"]
+    shown = {int(i) for t in range(1, len(ids)) for i, a in zip(ref["top_ids"][t], ref["top_acts"][t]) if a > 0}
+    dense = _dense_acts(tiny_run, ids)[1:]
+    fires_unseen = [int(f) for f in np.flatnonzero((dense > 0).any(0)) if int(f) not in shown]
+    assert fires_unseen, "every feature that fires is among some token's top 4"
+    # 1. the strongest feature of the first word: it fires, with Python's values
+    visible = int(ref["top_ids"][1][0])
+    page = _try(browser, site_url + f"features/{visible}/index.html", TEXT)
+    spans = page.query_selector_all(".atlas-try .atlas-token")
+    assert len(spans) == len(ids)
+    check_heatmap(spans, ref, visible)
+    top = max(float(a) for t in range(1, len(ids)) for i, a in zip(ref["top_ids"][t], ref["top_acts"][t]) if i == visible)
+    status = page.inner_text("section.atlas-try .atlas-status")
+    m = re.match(rf"Feature {visible} fires on this text \(max ([\d.]+)\)\.", status)
+    assert m and abs(float(m.group(1)) - top) <= 0.005 + 2e-3 + 5e-3 * top, status   # shown to 2 decimals
+    _clean(page, server, site_url)
+    # 2. a feature that fires but is never among the 4 strongest: no "does not fire"
+    feature = fires_unseen[0]
+    page = _try(browser, site_url + f"features/{feature}/index.html", TEXT)
+    spans = page.query_selector_all(".atlas-try .atlas-token")
+    check_heatmap(spans, ref, feature)
+    status = page.inner_text("section.atlas-try .atlas-status")
+    assert "does not fire on this text" not in status and "fires on this text" not in status, status
+    counts = sorted({int(ref["n_active"][t]) for t in range(1, len(ids)) if not all_in_sight(ref, t)})
+    of = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    assert f"not among the {TOP_K} strongest of the {of} features that fire" in status, status
+    n_seen = sum(all_in_sight(ref, t) for t in range(1, len(ids)))   # tokens where every active feature is seen
+    assert status.startswith(f"Feature {feature} does not fire on {n_seen} of the {len(ids) - 1} tokens. On the other "
+                             if n_seen else f"Feature {feature} is not among"), status
+    assert n_seen or f"on any of the {len(ids) - 1} tokens" in status, status
+    page.screenshot(path=str(shots / "try.png"), full_page=False)
+    _clean(page, server, site_url)
+    assert not browser.external_requests, browser.external_requests

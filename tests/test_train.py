@@ -122,12 +122,11 @@ def test_row_stream_streams_chunks_and_resumes_anywhere():
 def test_per_parameter_learning_rates(tmp_path):
     """TopK's decoder and biases step at lr_scales x lr; the checkpoint keeps one group per parameter."""
     from atlas.saes import build_sae
-    from atlas.saes.topk import DECODER_BIAS_LR_SCALE
 
     groups = build_sae(SAE, 16).optimizer_groups()
     assert sorted(g["name"] for g in groups) == ["W_dec", "W_enc", "b_dec", "b_enc"]
     scales = {g["name"]: g["lr_scale"] for g in groups}
-    assert scales["W_enc"] == 1.0 and scales["W_dec"] == scales["b_enc"] == scales["b_dec"] == DECODER_BIAS_LR_SCALE
+    assert scales == {"W_enc": 1.0, "W_dec": 10.0, "b_enc": 10.0, "b_dec": 10.0}  # TopK's defaults
     train_sae(SAE, TC, tensor_stream(data()), ckpt_dir=tmp_path, fp="f", progress=False, max_steps=20)
     ckpt = torch.load(tmp_path / CKPT_FILE, weights_only=True)
     assert [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]] == [1, 1, 1, 1]

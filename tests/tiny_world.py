@@ -5,6 +5,8 @@ Everything is saved the way the hub ships it (`save_pretrained`, tokenizer.json)
 load it through the same `from_pretrained` path as the real `gpt2`.
 
     python tests/tiny_world.py runs/tiny-world      # what configs/tiny.yaml points at
+
+`build_massive` makes a variant with planted massive activations, as real language models have.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ PLACES = ["park", "garden", "forest", "house", "school", "beach", "farm", "town"
 THINGS = ["ball", "kite", "cake", "box", "hat", "toy", "apple", "book"]
 FEELINGS = ["happy", "sad", "scared", "excited", "tired", "angry", "proud", "kind"]
 COLOURS = ["red", "blue", "green", "yellow", "big", "small", "shiny", "soft"]
+MASSIVE_FIRST_TOKEN = {7: 100.0}
+"""Residual dimension -> value planted on the first token (the tiny world's residual is ~0.3 per
+dimension, so ~300x), like SmolLM2-135M's dimension 507 (~22,000 at position 0)."""
+MASSIVE_EVERY_TOKEN = {19: 10.0, 42: 5.0}
+"""Residual dimension -> constant written on every token by block 0's MLP (~30x and ~15x), like
+SmolLM2-135M's dimensions 247 (~1,600) and 14 (~800)."""
 
 
 def story(rng: random.Random) -> str:
@@ -78,6 +86,33 @@ def build(out: Path, n_docs: int = 400, vocab_size: int = 512, n_layer: int = 4,
     _train_briefly(model, fast, texts)
     model.save_pretrained(model_dir)
     fast.save_pretrained(model_dir)
+    return out
+
+
+def build_massive(out: Path, base: Path) -> Path:
+    """The tiny world (built at `base` if needed) with massive activations planted in its model:
+    `MASSIVE_FIRST_TOKEN` through the position-0 embedding, `MASSIVE_EVERY_TOKEN` through block 0's
+    MLP output bias, so the residual stream from block 1 on has a few dimensions that dwarf the rest.
+    Same tokenizer and corpus. Writes model/, corpus.jsonl and corpus.txt under `out`; returns `out`."""
+    import shutil
+
+    import torch
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    out, base = Path(out), build(Path(base))
+    if (out / "model" / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    model = GPT2LMHeadModel.from_pretrained(base / "model")
+    with torch.no_grad():
+        for dim, value in MASSIVE_FIRST_TOKEN.items():
+            model.transformer.wpe.weight[0, dim] += value
+        for dim, value in MASSIVE_EVERY_TOKEN.items():
+            model.transformer.h[0].mlp.c_proj.bias[dim] += value
+    model.save_pretrained(out / "model")
+    PreTrainedTokenizerFast.from_pretrained(base / "model").save_pretrained(out / "model")
+    for name in ("corpus.jsonl", "corpus.txt"):
+        shutil.copy2(base / name, out / name)
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 
 from atlas.config import SAEConfig
 from atlas.errors import AtlasError
-from atlas.saes.base import CFG_FILE, WEIGHTS_FILE, ForwardOutput, SparseAutoencoder
+from atlas.saes.base import CFG_FILE, CONFIG_KEY, WEIGHTS_FILE, ForwardOutput, SparseAutoencoder
 from atlas.saes.registry import ARCHITECTURES, SAELENS_ARCHITECTURES
 
 __all__ = ["build_sae", "load_sae", "SparseAutoencoder", "ForwardOutput", "ARCHITECTURES",
@@ -67,14 +67,14 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> Spars
         raise AtlasError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
     cls = SAELENS_ARCHITECTURES[arch]
-    cfg = SAEConfig(architecture=cls.architecture, d_sae=d_sae)
+    metadata = raw.get("metadata") or {}
+    cfg = dataclasses.replace(_recorded_config(metadata, cfg_path), architecture=cls.architecture, d_sae=d_sae)
     if arch == "topk":
         k = raw.get("k")
         if not isinstance(k, int) or not 1 <= k <= d_sae:
             raise AtlasError(f"{cfg_path}: 'k' = {k!r}: a topk SAE needs an integer k in 1..d_sae")
         cfg = dataclasses.replace(cfg, k=k)
-    sae = cls(cfg, d_in, apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-              metadata=raw.get("metadata") or {})
+    sae = cls(cfg, d_in, apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=metadata)
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if arch == "jumprelu":
         shapes["threshold"] = (d_sae,)
@@ -89,6 +89,18 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> Spars
         if arch == "topk" and raw.get("rescale_acts_by_decoder_norm"):
             sae.fold_decoder_norm()  # exact: top-k of pre * ||W_dec|| is what the SAE meant
     return sae.to(device).eval().requires_grad_(False)
+
+
+def _recorded_config(metadata: dict, cfg_path: Path) -> SAEConfig:
+    """The SAEConfig our trainer recorded in metadata (defaults for folders written elsewhere)."""
+    recorded = metadata.get(CONFIG_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(recorded, dict):
+        return SAEConfig()
+    known = {f.name for f in dataclasses.fields(SAEConfig)}
+    try:  # keys a newer version added are left out
+        return SAEConfig(**{k: v for k, v in recorded.items() if k in known})
+    except TypeError as e:
+        raise AtlasError(f"{cfg_path}: metadata.{CONFIG_KEY} is not a valid SAE config ({e})") from None
 
 
 def _v6_layout(raw: dict) -> dict:

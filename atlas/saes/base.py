@@ -14,6 +14,7 @@ Each architecture computes its own training loss in `forward`; the trainer only 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +29,11 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 """Written as metadata.sae_lens_version: SAELens reads files without it as the pre-6.0 layout."""
+LR_SCALE_KEYS = {"W_dec": "lr_scale_w_dec", "b_enc": "lr_scale_b_enc", "b_dec": "lr_scale_b_dec"}
+"""Parameter -> the `SAEConfig` field holding its learning-rate multiplier."""
+CONFIG_KEY = "atlas_sae_config"
+"""metadata key holding the `SAEConfig` the SAE was trained with (k, aux_k, learning-rate scales,
+...): SAELens keeps metadata as free-form keys and ignores this one; `load_sae` reads it back."""
 
 
 class ForwardOutput(NamedTuple):
@@ -36,10 +42,13 @@ class ForwardOutput(NamedTuple):
     sae_out: Tensor
     """The reconstruction [n, d_in]."""
     latent_acts: Tensor
-    """Values of the active latents: [n, width] with `latent_indices`, or dense [n, d_sae] when
-    `latent_indices` is None. Zeros mean inactive."""
+    """Values of the active latents: flat [nnz] in compressed rows with `latent_indices` and
+    `latent_offsets` (as `atlas.saes.fused.Active`), or dense [n, d_sae] when those are None.
+    Zeros mean inactive."""
     latent_indices: Tensor | None
-    """Latent ids [n, width] of `latent_acts`, or None when `latent_acts` is dense."""
+    """Latent ids [nnz] of `latent_acts`, or None when `latent_acts` is dense."""
+    latent_offsets: Tensor | None
+    """[n + 1]: row i's latents are entries offsets[i]:offsets[i+1]; None when `latent_acts` is dense."""
     fvu: Tensor
     """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2 over the batch."""
     mse: Tensor
@@ -66,7 +75,9 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig, d_in: int, apply_b_dec_to_input: bool = True,
                  metadata: dict | None = None):
         super().__init__()
-        self.cfg = cfg
+        unset = {key: self.default_lr_scales.get(name, 1.0) for name, key in LR_SCALE_KEYS.items()
+                 if getattr(cfg, key) is None}
+        self.cfg = dataclasses.replace(cfg, **unset)  # explicit, so the saved cfg.json records them
         self.d_in, self.d_sae = int(d_in), int(cfg.d_sae)
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.metadata = dict(metadata or {})
@@ -116,8 +127,14 @@ class SparseAutoencoder(nn.Module):
         AuxK loss); `sparsity_scale` in [0, 1] warms up the sparsity penalty."""
         raise NotImplementedError
 
-    lr_scales: dict[str, float] = {}
-    """Per-parameter multipliers of the trainer's learning rate (parameters not named: 1)."""
+    default_lr_scales: dict[str, float] = {}
+    """This architecture's multipliers of the trainer's learning rate for the parameters whose
+    `sae.lr_scale_*` is unset (parameters not named: 1)."""
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        """Per-parameter multipliers of the trainer's learning rate, from the config (others: 1)."""
+        return {name: getattr(self.cfg, key) for name, key in LR_SCALE_KEYS.items()}
 
     def optimizer_groups(self) -> list[dict]:
         """Adam parameter groups, one per parameter, each with its `lr_scale` (see `lr_scales`)."""
@@ -175,7 +192,8 @@ class SparseAutoencoder(nn.Module):
     def saelens_cfg(self) -> dict:
         """cfg.json in SAELens's v6 layout (architecture-specific keys added by subclasses)."""
         meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
-                "training_architecture": self.architecture, **self.metadata}
+                "training_architecture": self.architecture, CONFIG_KEY: dataclasses.asdict(self.cfg),
+                **self.metadata}
         return {
             "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32", "device": "cpu",
             "apply_b_dec_to_input": self.apply_b_dec_to_input, "normalize_activations": "none",

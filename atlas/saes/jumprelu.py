@@ -67,7 +67,7 @@ class JumpReLUSAE(SparseAutoencoder):
         l0 = _Step.apply(pre, threshold).sum(-1).mean()
         aux = self.cfg.l1_coefficient * sparsity_scale * l0
         active = acts > 0
-        return ForwardOutput(sae_out, acts, None, fvu, mse, aux, err.mean() + aux,
+        return ForwardOutput(sae_out, acts, None, None, fvu, mse, aux, err.mean() + aux,
                              active.sum(-1).float().mean(), active.any(0))
 
     def saelens_state(self) -> dict[str, Tensor]:

@@ -31,7 +31,7 @@ class ReLUSAE(SparseAutoencoder):
         l1 = (acts * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
         aux = self.cfg.l1_coefficient * sparsity_scale * l1
         active = acts > 0
-        return ForwardOutput(sae_out, acts, None, fvu, mse, aux, err.mean() + aux,
+        return ForwardOutput(sae_out, acts, None, None, fvu, mse, aux, err.mean() + aux,
                              active.sum(-1).float().mean(), active.any(0))
 
     @torch.no_grad()

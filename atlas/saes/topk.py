@@ -4,11 +4,14 @@
 
 AuxK: the top `aux_k` dead latents reconstruct the residual error x - x_hat (without b_dec),
 normalised like FVU and scaled by min(#dead / aux_k, 1) as in EleutherAI's sparsify; it gives
-dead latents a gradient. Decoder rows are kept at unit norm (the gradient component along each
+dead latents a gradient, and only them: not the shared b_dec, on either of its two paths (dense
+products over the dead latents when few are dead, fused into the sparse encoder when many;
+tests/test_sae.py checks both against one plain-autograd reference). Decoder rows are kept at unit norm (the gradient component along each
 row is removed before the step, the row renormalised after it).
 
-Learning rates: W_dec, b_enc and b_dec step at `DECODER_BIAS_LR_SCALE` times the trainer's lr,
-W_enc at the lr itself. Adam moves every entry by about lr per step whatever its size; a unit-norm
+Learning rates: by default W_dec, b_enc and b_dec step at 10 times the trainer's lr, W_enc at the
+lr itself (`default_lr_scales`; the `sae.lr_scale_*` config fields override them, and the saved
+cfg.json records the values used). Adam moves every entry by about lr per step whatever its size; a unit-norm
 decoder row has entries of about 1/sqrt(d_in), and the biases live on the scale of the (scaled)
 inputs and pre-activations, so at the encoder's lr they barely move over a short run. SAELens
 gets the same effect implicitly (decoder rows initialised at norm 0.1 and activations rescaled
@@ -24,20 +27,18 @@ import torch
 from torch import Tensor
 
 from atlas.saes.base import ForwardOutput, SparseAutoencoder
-from atlas.saes.fused import sparse_decode, topk_encode
+from atlas.saes.fused import Active, fixed_width, sparse_decode, sparse_encode
 
 DENSE_AUX_FACTOR = 32
 """Up to this many times aux_k dead latents, AuxK runs as dense products over the dead ones:
 on a CPU that beats gathering aux_k decoder rows per token (memory-bound) until most latents are dead."""
 
 
-DECODER_BIAS_LR_SCALE = 10.0
-
 
 class TopKSAE(SparseAutoencoder):
     architecture = "topk"
     saelens_architecture = "topk"
-    lr_scales = {"W_dec": DECODER_BIAS_LR_SCALE, "b_enc": DECODER_BIAS_LR_SCALE, "b_dec": DECODER_BIAS_LR_SCALE}
+    default_lr_scales = {"W_dec": 10.0, "b_enc": 10.0, "b_dec": 10.0}
 
     @property
     def k(self) -> int:
@@ -55,24 +56,24 @@ class TopKSAE(SparseAutoencoder):
             values = values * (torch.arange(k, device=x.device) < self.k)
         return values, indices
 
-    def _select(self, x: Tensor, aux_mask: Tensor | None, aux_k: int):
-        """(values, indices, aux_values, aux_indices) for the training pass."""
-        b_dec = self.b_dec if self.apply_b_dec_to_input else None
-        return topk_encode(x, self.W_enc, self.b_enc, b_dec, self.k, aux_mask, aux_k)
+    def select(self, pre: Tensor) -> Active:
+        """The entries a training step keeps (atlas.saes.fused.Select): the k largest per row."""
+        return fixed_width(*pre.topk(self.k, dim=1, sorted=False))
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> ForwardOutput:
         n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
         aux_k = min(self.cfg.aux_k, n_dead)
         # Few dead latents: AuxK as dense products over just those (cheap); many: sparse, fused.
         fused_aux = aux_k > 0 and n_dead > DENSE_AUX_FACTOR * aux_k
-        values, indices, aux_values, aux_indices = self._select(x, dead_mask if fused_aux else None,
-                                                                aux_k if fused_aux else 0)
-        sae_out = sparse_decode(values, indices, self.W_dec) + self.b_dec
+        b_dec = self.b_dec if self.apply_b_dec_to_input else None
+        active, aux_active = sparse_encode(x, self.W_enc, self.b_enc, b_dec, self.select,
+                                           dead_mask if fused_aux else None, aux_k if fused_aux else 0)
+        sae_out = sparse_decode(active, self.W_dec) + self.b_dec
         err, fvu, mse = self._fvu_mse(x, sae_out)
         if aux_k:
             residual = (x - sae_out).detach()
             if fused_aux:
-                aux_out = sparse_decode(aux_values, aux_indices, self.W_dec)
+                aux_out = sparse_decode(aux_active, self.W_dec)
             else:
                 aux_out = self._dense_aux(x, dead_mask.nonzero().flatten(), aux_k)
             total = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -80,11 +81,10 @@ class TopKSAE(SparseAutoencoder):
             aux = self.cfg.aux_k_coefficient * min(n_dead / self.cfg.aux_k, 1.0) * auxk
         else:
             aux = fvu.new_zeros(())
-        active = values > 0
+        on = active.values > 0
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[indices[active]] = True
-        return ForwardOutput(sae_out, values, indices, fvu, mse, aux, fvu + aux,
-                             active.sum(-1).float().mean(), fired)
+        fired[active.ids[on]] = True
+        return ForwardOutput(sae_out, *active, fvu, mse, aux, fvu + aux, on.sum() / x.shape[0], fired)
 
     def _dense_aux(self, x: Tensor, dead: Tensor, aux_k: int) -> Tensor:
         """W_dec-reconstruction from the top aux_k of the dead latents, computed on those alone."""

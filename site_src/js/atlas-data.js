@@ -49,11 +49,13 @@
     return Math.abs(x) >= 1e4 ? Math.round(x).toLocaleString("en") : Number(x.toPrecision(3)).toString();
   }
   function pct(x) { return x === 0 ? "0%" : Number((100 * x).toPrecision(3)) + "%"; }
+  // a label score (F1 in [0, 1], null where not scored), as the pages print it
+  function score(x) { return x === null || x === undefined ? "–" : x.toFixed(2); }
   function showToken(t) { return t.replace(/\n/g, "↵").replace(/\t/g, "⇥"); }
 
   window.Atlas = {
     root: root, load: load, tokenEntry: tokenEntry, featureUrl: featureUrl, el: el, fmt: fmt, pct: pct,
-    showToken: showToken, fnv1a: fnv1a,
+    showToken: showToken, fnv1a: fnv1a, score: score,
     loaded: function (name, data) {
       var resolve = waiting[name];
       delete waiting[name];

@@ -1,4 +1,5 @@
 // The feature explorer: a sortable, filterable, paginated table over data/features.js.
+// Label scores (F1, null where not scored) sort after every scored feature, whichever the direction.
 (function () {
   "use strict";
   var A = window.Atlas, PAGE = 50;
@@ -8,16 +9,23 @@
   function applyFilter() {
     var q = $("atlas-filter").value.trim().toLowerCase();
     var hideDead = $("atlas-hide-dead").checked, hideDense = $("atlas-hide-dense").checked;
+    var lo = bound("atlas-score-min"), hi = bound("atlas-score-max"), limited = lo !== null || hi !== null;
     var rows = [];
     for (var i = 0; i < F.n; i++) {
       if (F.present && !F.present[i]) continue;
       if (hideDead && (F.flags[i] & 1)) continue;
       if (hideDense && (F.flags[i] & 2)) continue;
       if (q && F.label[i].toLowerCase().indexOf(q) < 0) continue;
+      if (limited && (F.f1[i] === null || (lo !== null && F.f1[i] < lo) || (hi !== null && F.f1[i] > hi))) continue;
       rows.push(i);
     }
     state.rows = rows;
     sort();
+  }
+
+  function bound(id) {
+    var v = $(id).value.trim();
+    return v === "" || isNaN(Number(v)) ? null : Number(v);
   }
 
   function sort() {
@@ -26,6 +34,7 @@
       if (!col) return d * (a - b);
       var x = col[a], y = col[b];
       if (k === "label") return d * x.localeCompare(y) || a - b;
+      if (x === null || y === null) return (x === null) - (y === null) || a - b;
       return d * (x - y) || a - b;
     });
     state.page = 0;
@@ -43,6 +52,8 @@
       if (F.flags[i] & 1) lab.appendChild(A.el("span", { class: "atlas-badge dead" }, "dead"));
       if (F.flags[i] & 2) lab.appendChild(A.el("span", { class: "atlas-badge dense" }, "dense"));
       tr.appendChild(lab);
+      tr.appendChild(A.el("td", { class: "num", title: F.f1[i] === null ? "not scored" : "label F1 on held-out text" },
+        A.score(F.f1[i])));
       tr.appendChild(A.el("td", { class: "num" }, A.pct(F.density[i])));
       tr.appendChild(A.el("td", { class: "num" }, A.fmt(F.max_act[i])));
       body.appendChild(tr);
@@ -62,6 +73,8 @@
     $("atlas-filter").addEventListener("input", applyFilter);
     $("atlas-hide-dead").addEventListener("change", applyFilter);
     $("atlas-hide-dense").addEventListener("change", applyFilter);
+    $("atlas-score-min").addEventListener("input", applyFilter);
+    $("atlas-score-max").addEventListener("input", applyFilter);
     $("atlas-prev").addEventListener("click", function () { state.page--; render(); });
     $("atlas-next").addEventListener("click", function () { state.page++; render(); });
     document.querySelectorAll("#atlas-explorer th button").forEach(function (b) {

@@ -13,6 +13,7 @@
       var li = A.el("li"), a = A.el("a", { href: A.featureUrl(r.id) }, "#" + r.id);
       li.appendChild(a);
       li.appendChild(document.createTextNode(" " + (F && F.label[r.id] || "")));
+      if (F && F.f1[r.id] !== null) li.appendChild(A.el("span", { class: "atlas-score", title: "label F1 on held-out text" }, " score " + A.score(F.f1[r.id])));
       if (r.note) li.appendChild(A.el("small", {}, " " + r.note));
       list.appendChild(li);
     });

@@ -67,9 +67,9 @@ def search_ms(site: Path, repeats: int = 5) -> tuple[float, float] | None:
         return None
     if chromium_path() is None:
         return None
-    with serve(site) as url, open_browser() as b:
+    with serve(site) as server, open_browser() as b:
         page = b.new_page()
-        page.goto(url + "search.html")
+        page.goto(server.url() + "search.html")
         page.wait_for_load_state("networkidle")
         timing = "async () => { const t = performance.now(); await Atlas.tokenEntry(' Once'); return performance.now() - t; }"
         cold = page.evaluate(timing)

