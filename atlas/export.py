@@ -56,9 +56,19 @@ MIN_EXPORT_OPSET = 18
 """torch.onnx's dynamo exporter emits opset 18 ops (e.g. Split with num_outputs)."""
 EMBED_BLOCK = 64
 """Block length (along d_model) of the quantised token-embedding table: one float16 scale and one
-zero point per 64 values. At 4 bits that is 0.31 bits/value of overhead; block 32 would cut the
-error by ~11% but cost GPT-2 Small 1.8 MB more, which with its 1.4 MB tokenizer.json leaves no
-room under 100 MB."""
+zero point per 64 values."""
+RARE_EMBED_BLOCK = 128
+"""The same for the 4-bit rows of the rare tokens (mode w8-emb4): 0.16 bits/value of overhead.
+Block 64 is a little more faithful (SmolLM2-135M layer 11: top-1 agreement +0.002) but costs
+GPT-2 Small 0.7 MB, which puts GPT-2 Small to layer 8 + 24,576 latents over 100 MB."""
+FREQUENT_TOKENS = 2048
+"""In mode w8-emb4, the rows of the corpus's this many most frequent tokens stay at 8 bits. A
+4-bit embedding row adds noise that the blocks up to the hook amplify: on SmolLM2-135M, layer 11,
+an all-4-bit table costs 5 points of top-1 agreement with PyTorch (0.95), and 8 bits for the
+2,048 most frequent tokens (90% of the demo corpus) win back 3.5 of them, for 0.4 bytes a value
+on 4% of the rows. At most 1/`FREQUENT_SHARE` of the vocabulary, so the mode stays small for small
+vocabularies too."""
+FREQUENT_SHARE = 16
 WEIGHT_BLOCK = 32
 """Block length (along the input dimension) of 8-bit MatMul weights in mode w8: one float16 scale
 and one zero point per 32 values (0.75 bits/value). SmolLM2-135M, layer 25: top-1 agreement 0.971
@@ -72,18 +82,20 @@ class Quantization:
 
     embedding_bits: int
     """The token-embedding table, 4 or 8 bits, behind GatherBlockQuantized (reads only the prompt's rows)."""
+    frequent_tokens: int
+    """With a 4-bit table: how many of the corpus's most frequent tokens keep 8-bit rows."""
     weight_block: int
     """MatMul weights: one scale per this many input rows of each output column (0: per column)."""
 
 
 QUANTIZATIONS = {
-    "w8-emb4": Quantization(embedding_bits=4, weight_block=0),
-    "w8": Quantization(embedding_bits=8, weight_block=WEIGHT_BLOCK),
+    "w8-emb4": Quantization(embedding_bits=4, frequent_tokens=FREQUENT_TOKENS, weight_block=0),
+    "w8": Quantization(embedding_bits=8, frequent_tokens=0, weight_block=WEIGHT_BLOCK),
 }
 """Web modes, smallest first; `auto` tries them in this order. w8-emb4 is what fits GPT-2 Small to
-layer 8 + 24,576 latents in 100 MB (4 bits for the embedding, the cheapest place: measured on
-SmolLM2-135M, 4-bit blocks or a 4-bit SAE encoder cost more agreement than a 4-bit embedding);
-w8 is the faithful one (SmolLM2-135M needs it: see README)."""
+layer 8 + 24,576 latents in 100 MB (4 bits for the rare tokens' embedding rows, the cheapest
+place: measured on SmolLM2-135M, 4-bit MatMul blocks or a 4-bit SAE encoder cost more agreement);
+w8 is the faithful one, for models whose SAE the 4-bit rows still move too much (see README)."""
 AUTO = "auto"
 WEB_BUDGET_BYTES = 100_000_000
 """The web download a visitor should not exceed (GPT-2 Small to layer 8 + a 24,576-latent SAE fits)."""
@@ -157,13 +169,22 @@ def run(cfg, force: bool = False) -> Path:
                         gguf_file=cfg.model.gguf_file)
     check_layer(cfg.path, cfg.model.layer, loaded)
     with atomic_dir(out, fp, stage="export", inputs=inputs, rerun=rerun("export", cfg)) as tmp:
-        export_dir(tmp, loaded, sae, cfg, fp, parity_contexts(cfg, loaded))
+        contexts = parity_contexts(cfg, loaded)
+        report = export_dir(tmp, loaded, sae, cfg, fp, contexts, frequent_tokens(cfg))
+        if store.exists():
+            report["web"]["pages_top1_agreement"] = agreement = pages_agreement(tmp / "encoder.web.onnx", store, sae,
+                                                                                len(contexts), cfg.analyze.skip_bos)
+            (tmp / "parity.json").write_text(json.dumps(report, indent=2))
+            print(f"export: the web file's strongest feature is the pages' (the SAE on the stored activations) "
+                  f"on {agreement:.1%} of the held-out tokens")
     print(f"export: wrote {out}")
     return out
 
 
-def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[list[int]]) -> dict:
-    """Write every file of `onnx/` into `out`; return the parity report."""
+def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[list[int]],
+               frequent: np.ndarray | None = None) -> dict:
+    """Write every file of `onnx/` into `out`; return the parity report. `frequent`: token ids by
+    falling corpus frequency (`frequent_tokens`), for the web file's embedding table."""
     out = Path(out)
     ex = cfg.export
     top_k = min(ex.top_k, int(sae.W_enc.shape[1]))
@@ -190,7 +211,7 @@ def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[l
         raise AtlasError(f"{out}/encoder.onnx: full-precision ONNX disagrees with PyTorch (ids match "
                          f"{full['ids_match']:.4f}, max rel err {full['max_rel_err']:.2e}, n_active off by up to "
                          f"{full['n_active_max_err']}); this is a bug in the export, please report it")
-    mode, web_files, report["modes"] = write_web_file(model, out, contexts, reference, ex)
+    mode, web_files, report["modes"] = write_web_file(model, out, contexts, reference, ex, frequent)
     report["requested"], report["quantization"] = ex.quantization, mode
     report["web"] = report["modes"][mode]
     del model
@@ -236,7 +257,8 @@ def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[l
     return report
 
 
-def write_web_file(model, out: Path, contexts: list[list[int]], reference: Encoded, ex) -> tuple[str, list[str], dict]:
+def write_web_file(model, out: Path, contexts: list[list[int]], reference: Encoded, ex,
+                   frequent: np.ndarray | None = None) -> tuple[str, list[str], dict]:
     """Write `encoder.web.onnx` in mode `ex.quantization`, or for "auto" in the smallest mode that
     passes the gate. Returns the mode, its files and the parity figures of every mode tried.
 
@@ -248,7 +270,7 @@ def write_web_file(model, out: Path, contexts: list[list[int]], reference: Encod
     tried: dict[str, dict] = {}
     for mode in modes[first:]:
         t0 = time.time()
-        files = _save(quantize(model, mode), out / "encoder.web.onnx")
+        files = _save(quantize(model, mode, frequent), out / "encoder.web.onnx")
         r = tried[mode] = check_file(out / "encoder.web.onnx", contexts, reference)
         r["bytes"] = sum((out / f).stat().st_size for f in files) + tokenizer_bytes
         r["ok"] = passes(r, ex)
@@ -333,9 +355,11 @@ def _gemm_to_matmul(model) -> None:
 # ---------------------------------------------------------------- quantisation
 
 
-def quantize(model, mode: str):
+def quantize(model, mode: str, frequent: np.ndarray | None = None):
     """The web file for `mode` (a copy of `model`): the token-embedding table in
-    `QUANTIZATIONS[mode].embedding_bits` bits behind GatherBlockQuantized, every other constant
+    `QUANTIZATIONS[mode].embedding_bits` bits behind GatherBlockQuantized (4-bit tables keep the
+    rows of the first `frequent_tokens` ids of `frequent`, token ids by falling corpus frequency,
+    at 8 bits), every other constant
     MatMul weight or gathered table (positions) in 8 bits.
 
     Those weights are stored as integers plus a few constant nodes that rebuild the float matrix:
@@ -350,7 +374,10 @@ def quantize(model, mode: str):
         raise AtlasError(f"export.quantization = {mode!r}: must be {AUTO} or one of {', '.join(QUANTIZATIONS)}")
     q = QUANTIZATIONS[mode]
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    _quantize_embedding(model, q.embedding_bits, EMBED_BLOCK)  # first: its table then no longer feeds a Gather
+    keep = np.zeros(0, np.int64)
+    if q.embedding_bits == 4 and q.frequent_tokens:
+        keep = np.asarray(frequent if frequent is not None else (), np.int64)[:q.frequent_tokens]
+    _quantize_embedding(model, q.embedding_bits, keep)  # first: its table then no longer feeds a Gather
     inits = {t.name: t for t in model.graph.initializer}
     weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
     weights |= {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
@@ -465,10 +492,14 @@ def _token_ids_derived(model, name: str) -> bool:
     return False
 
 
-def _quantize_embedding(model, bits: int, block: int) -> int:
+def _quantize_embedding(model, bits: int, frequent: np.ndarray = np.zeros(0, np.int64)) -> int:
     """Replace each Gather of a token-embedding table (a 2-D initializer used by that Gather only,
     indexed by the token ids) with com.microsoft GatherBlockQuantized over a `bits`-bit copy
-    (float16 scales, so its output is float16 and a Cast follows). Returns the number replaced."""
+    (float16 scales, so its output is float16 and a Cast follows). Returns the number replaced.
+
+    With `frequent` token ids (4 bits only), their rows go to an 8-bit table and the others to a
+    4-bit one; the graph finds each token's row by comparing it with the sorted frequent ids (a
+    [seq, n] comparison, nothing per vocabulary entry), gathers from both and keeps one."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -484,16 +515,15 @@ def _quantize_embedding(model, bits: int, block: int) -> int:
                 or table.data_type != TensorProto.FLOAT or not _token_ids_derived(model, node.input[1])):
             nodes.append(node)
             continue
-        data, scale, zps = quantize_table(numpy_helper.to_array(table), bits, block)
-        base = table.name + f"_q{bits}"
+        w = numpy_helper.to_array(table)
         model.graph.initializer.remove(table)
-        model.graph.initializer.extend([numpy_helper.from_array(data, base), numpy_helper.from_array(scale, base + "_scale"),
-                                        numpy_helper.from_array(zps, base + "_zp")])
-        nodes.append(helper.make_node(
-            "GatherBlockQuantized", [base, node.input[1], base + "_scale", base + "_zp"], [node.output[0] + "_f16"],
-            name=node.name + "_quantized", domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block,
-            bits=bits))
-        nodes.append(helper.make_node("Cast", [node.output[0] + "_f16"], [node.output[0]], to=TensorProto.FLOAT,
+        keep = np.unique(frequent[frequent < len(w)][:len(w) // FREQUENT_SHARE]) if bits == 4 else frequent[:0]
+        out16 = node.output[0] + "_f16"
+        if not len(keep):
+            nodes += _gather_quantized(model, w, bits, EMBED_BLOCK, table.name + f"_q{bits}", node.input[1], out16)
+        else:
+            nodes += _gather_mixed(model, w, keep, table.name, node.input[1], out16)
+        nodes.append(helper.make_node("Cast", [out16], [node.output[0]], to=TensorProto.FLOAT,
                                       name=node.name + "_quantized_cast"))
         replaced += 1
     if replaced:
@@ -502,6 +532,53 @@ def _quantize_embedding(model, bits: int, block: int) -> int:
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return replaced
+
+
+def _gather_quantized(model, w: np.ndarray, bits: int, block: int, base: str, ids: str, out: str) -> list:
+    """Initializers of `w` in `bits` bits and the GatherBlockQuantized node reading rows `ids` into `out` (float16)."""
+    from onnx import helper, numpy_helper
+
+    data, scale, zps = quantize_table(w, bits, block)
+    model.graph.initializer.extend([numpy_helper.from_array(data, base), numpy_helper.from_array(scale, base + "_scale"),
+                                    numpy_helper.from_array(zps, base + "_zp")])
+    return [helper.make_node("GatherBlockQuantized", [base, ids, base + "_scale", base + "_zp"], [out],
+                             name=base + "_gather", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                             block_size=block, bits=bits)]
+
+
+def _gather_mixed(model, w: np.ndarray, keep: np.ndarray, name: str, ids: str, out: str) -> list:
+    """Rows `keep` (sorted ids) of `w` at 8 bits, the rest at 4; `out` = row ids of the table:
+
+        hit  = ids[..., None] == keep                       [..., n]
+        row8 = argmax(hit)              (where any(hit))
+        row4 = ids - count(keep < ids)  (the rest, in id order; clipped, as frequent ids reach past the end)
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rare = np.setdiff1d(np.arange(len(w)), keep)
+    p = name + "_mixed"
+    model.graph.initializer.extend([numpy_helper.from_array(keep.astype(np.int64), p + "_ids"),
+                                    numpy_helper.from_array(np.array([-1], np.int64), p + "_last_axis"),
+                                    numpy_helper.from_array(np.array(len(rare) - 1, np.int64), p + "_max_rare")])
+    n = lambda op, i, o, **kw: helper.make_node(op, i, [o], name=o + "_node", **kw)  # noqa: E731
+    nodes = [
+        n("Cast", [ids], p + "_id", to=TensorProto.INT64),
+        n("Unsqueeze", [p + "_id", p + "_last_axis"], p + "_id_col"),
+        n("Equal", [p + "_id_col", p + "_ids"], p + "_hit"),
+        n("Cast", [p + "_hit"], p + "_hit_i", to=TensorProto.INT32),
+        n("ArgMax", [p + "_hit_i"], p + "_row8", axis=-1, keepdims=0),
+        n("ReduceMax", [p + "_hit_i", p + "_last_axis"], p + "_is8_i", keepdims=1),
+        n("Cast", [p + "_is8_i"], p + "_is8", to=TensorProto.BOOL),
+        n("Less", [p + "_ids", p + "_id_col"], p + "_below"),
+        n("Cast", [p + "_below"], p + "_below_i", to=TensorProto.INT64),
+        n("ReduceSum", [p + "_below_i", p + "_last_axis"], p + "_n_below", keepdims=0),
+        n("Sub", [p + "_id", p + "_n_below"], p + "_row4_raw"),
+        n("Min", [p + "_row4_raw", p + "_max_rare"], p + "_row4"),
+    ]
+    nodes += _gather_quantized(model, w[keep], 8, EMBED_BLOCK, name + "_q8", p + "_row8", p + "_e8")
+    nodes += _gather_quantized(model, w[rare], 4, RARE_EMBED_BLOCK, name + "_q4", p + "_row4", p + "_e4")
+    nodes.append(helper.make_node("Where", [p + "_is8", p + "_e8", p + "_e4"], [out], name=p + "_where"))
+    return nodes
 
 
 # ---------------------------------------------------------------- saving
@@ -572,6 +649,21 @@ def _save(model, path: Path) -> list[str]:
 # ---------------------------------------------------------------- parity
 
 
+def frequent_tokens(cfg) -> np.ndarray | None:
+    """Token ids by falling frequency in the store's training contexts (the parity contexts are
+    the held-out ones, so the web file is not tuned to them); None without a store."""
+    store = cfg.run_dir / "activations.h5"
+    if not store.exists():
+        return None
+    import h5py
+
+    with h5py.File(store, "r") as f:
+        n_train = len(f["tokens"]) - int(f.attrs.get("n_eval_contexts", 0))
+        tokens = np.asarray(f["tokens"][:max(n_train, 0)]).ravel()
+    counts = np.bincount(tokens) if tokens.size else np.zeros(0, np.int64)
+    return np.argsort(-counts, kind="stable")[:int((counts > 0).sum())]
+
+
 def parity_contexts(cfg, loaded) -> list[list[int]]:
     """Held-out token contexts: the store's last (eval) contexts when a store exists, else texts."""
     n = cfg.export.parity_texts
@@ -584,6 +676,28 @@ def parity_contexts(cfg, loaded) -> list[list[int]]:
             return [list(map(int, row)) for row in tokens[max(0, len(tokens) - n):]]
     texts = _corpus_texts(cfg, n) or FALLBACK_TEXTS[:n]
     return [encode_with_bos(loaded, t, min(cfg.corpus.ctx_len, max_tokens(loaded))) for t in texts]
+
+
+def pages_agreement(web: Path, store_path: Path, sae: nn.Module, n_contexts: int, skip_bos: bool) -> float:
+    """Share of the store's last `n_contexts` contexts' tokens (BOS left out with `skip_bos`, as
+    the pages leave it out) whose strongest latent in the web file is the one the pages show: the
+    SAE's on the stored activations (float16 when the store is), not on a fresh float32 forward."""
+    import h5py
+
+    sess = session(web)
+    same = total = 0
+    with h5py.File(store_path, "r") as f, torch.no_grad():
+        tokens, L = f["tokens"], int(f.attrs["ctx_len"])
+        for c in range(max(0, len(tokens) - n_contexts), len(tokens)):
+            acts = torch.from_numpy(np.asarray(f["acts"][c * L:(c + 1) * L], np.float32))
+            dense = sae.encode(acts)
+            best, fires = dense.argmax(-1).numpy(), (dense > 0).any(-1).numpy()
+            got = run_session(sess, [int(t) for t in tokens[c]])
+            keep = fires.copy()
+            keep[0] &= not skip_bos
+            same += int(((got.top_ids[:, 0] == best) & (got.top_acts[:, 0] > 0))[keep].sum())
+            total += int(keep.sum())
+    return same / max(total, 1)
 
 
 def encode_with_bos(loaded, text: str, max_len: int) -> list[int]:

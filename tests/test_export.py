@@ -58,8 +58,16 @@ def export_tiny(world: Path, out: Path, quantization: str = "auto", min_top1: fl
     cfg = tiny_cfg(world, quantization, min_top1, min_overlap)
     loaded = load_model(cfg.model.name)
     out.mkdir(parents=True, exist_ok=True)
-    export.export_dir(out, loaded, sae or make_sae(loaded.d_model), cfg, "test", export.parity_contexts(cfg, loaded))
+    export.export_dir(out, loaded, sae or make_sae(loaded.d_model), cfg, "test", export.parity_contexts(cfg, loaded),
+                      corpus_frequency(world, loaded))
     return out
+
+
+def corpus_frequency(world: Path, loaded) -> np.ndarray:
+    """Token ids by falling frequency in the world's corpus: what a run's store gives `frequent_tokens`."""
+    texts = [json.loads(line)["text"] for line in (world / "corpus.jsonl").read_text().splitlines()]
+    counts = np.bincount(np.concatenate([loaded.tokenizer(t)["input_ids"] for t in texts]))
+    return np.argsort(-counts, kind="stable")[:int((counts > 0).sum())]
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +156,8 @@ def test_web_weights_are_dequantised_once_at_load(exported, tmp_path):
     web = onnx.load(exported / "encoder.web.onnx")
     ops = [n.op_type for n in web.graph.node]
     assert not {"MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "DequantizeLinear"} & set(ops)
-    gather = next(n for n in web.graph.node if n.op_type == "GatherBlockQuantized")
-    assert ops.count("GatherBlockQuantized") == 1 and {a.name: a.i for a in gather.attribute}["bits"] == q.embedding_bits
+    bits = sorted({a.name: a.i for a in n.attribute}["bits"] for n in web.graph.node if n.op_type == "GatherBlockQuantized")
+    assert bits == ([4, 8] if q.embedding_bits == 4 and q.frequent_tokens else [q.embedding_bits])
     assert not any(t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 4096 for t in web.graph.initializer)
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -217,6 +225,53 @@ def test_quantized_table_is_what_onnxruntime_gathers(cols, block, bits):
     assert y.dtype == np.float16 and np.array_equal(y.astype(np.float32), deq[idx])
 
 
+def test_frequent_tokens_keep_8_bit_rows():
+    """w8-emb4's table: the rows of the frequent tokens at 8 bits, the others at 4, each token's row
+    found in the graph (the first and last ids among both kinds, and ids repeated)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(300, 100)).astype(np.float32)
+    gather = helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)
+    graph = helper.make_graph([gather], "g", [helper.make_tensor_value_info("ids", TensorProto.INT32, [None, None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    frequent = np.array([5, 299, 0, 17, 42])
+    assert export._quantize_embedding(model, 4, frequent) == 1
+    ids = np.array([[0, 1, 5, 6, 299, 298], [17, 18, 42, 43, 100, 17]], np.int32)
+    (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
+
+    kept, rare = np.sort(frequent), np.setdiff1d(np.arange(300), frequent)
+    row8 = export.dequantize_blocks(*export.quantize_blocks(w[kept], export.EMBED_BLOCK, 8), export.EMBED_BLOCK)
+    row4 = export.dequantize_blocks(*export.quantize_blocks(w[rare], export.RARE_EMBED_BLOCK, 4), export.RARE_EMBED_BLOCK)
+    want = np.stack([[row8[np.searchsorted(kept, i)] if i in kept else row4[np.searchsorted(rare, i)] for i in r] for r in ids])
+    # onnxruntime may compute the float16 graph in float32 (it inserts casts where a kernel has no
+    # float16 version), so values agree up to float16 rounding
+    assert np.allclose(y, want, rtol=2**-10, atol=1e-6)
+    step8 = np.abs(w[kept]).max() / 127
+    assert np.abs(y[np.isin(ids, kept)] - w[ids[np.isin(ids, kept)]]).max() < step8  # 8-bit rows are finer
+    assert np.abs(y - w[ids]).max() > step8
+
+
+def test_frequent_tokens_come_from_the_training_contexts(tiny_config):
+    import h5py
+
+    from atlas import collect
+    from atlas.config import load_config
+
+    cfg = load_config(tiny_config)
+    assert export.frequent_tokens(cfg) is None  # no store yet
+    collect.run(cfg)
+    order = export.frequent_tokens(cfg)
+    with h5py.File(cfg.run_dir / "activations.h5", "r") as f:
+        train = np.asarray(f["tokens"][:len(f["tokens"]) - int(f.attrs["n_eval_contexts"])]).ravel()
+    counts = np.bincount(train)
+    assert sorted(order.tolist()) == np.flatnonzero(counts).tolist()
+    assert (np.diff(counts[order]) <= 0).all()
+
+
 # ---------------------------------------------------------------- the gate, and massive activations
 
 
@@ -229,7 +284,7 @@ def old_dynamic_int8(model):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    export._quantize_embedding(model, 4, export.EMBED_BLOCK)
+    export._quantize_embedding(model, 4)
     with tempfile.TemporaryDirectory() as d:
         onnx.save(model, f"{d}/in.onnx")
         quantize_dynamic(f"{d}/in.onnx", f"{d}/out.onnx", op_types_to_quantize=["MatMul", "Gather"],

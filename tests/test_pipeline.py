@@ -46,3 +46,24 @@ def test_a_finished_run_rebuilds_nothing(built_tiny_run, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.count("up to date") == 5, out
     assert {p: p.stat().st_mtime for p in run.glob("*/stamp.json")} == stamps
+
+
+def test_the_analyser_shows_the_pages_strongest_feature(built_tiny_run):
+    """parity.json's pages_top1_agreement: the web file against the SAE on the stored activations,
+    which is what the pages show; the full-precision file on the tiny run's float32 store agrees on
+    every token, a garbage 'web file' (another SAE's encoder) on few."""
+    import torch
+
+    from atlas import export
+    from atlas.saes import load_sae
+
+    run = built_tiny_run / "runs" / "tiny"
+    parity = json.loads((run / "onnx" / "parity.json").read_text())
+    assert parity["web"]["pages_top1_agreement"] >= 0.97
+    sae = load_sae(run / "sae").float().eval()
+    n = parity["n_contexts"]
+    assert export.pages_agreement(run / "onnx" / "encoder.onnx", run / "activations.h5", sae, n, True) > 0.999
+    other = load_sae(run / "sae").float().eval()
+    with torch.no_grad():
+        other.W_enc.copy_(other.W_enc[:, torch.randperm(other.W_enc.shape[1], generator=torch.Generator().manual_seed(0))])
+    assert export.pages_agreement(run / "onnx" / "encoder.onnx", run / "activations.h5", other, n, True) < 0.2

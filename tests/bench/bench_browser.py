@@ -1,15 +1,16 @@
 """Prompt-analyser benchmark: the web file in headless Chromium vs Python onnxruntime, per web mode.
 
-    python tests/bench/bench_browser.py [--modes w4 w4-enc8 w8] [--repeats 5] [--real CONFIG ...] [--keep]
+    python tests/bench/bench_browser.py [--modes w8-emb4 w8] [--layers 3 11 25] [--repeats 5] [--keep]
 
 1. GPT-2 Small shape (GPT2Config() defaults, random weights; the tiny world's tokenizer, whose ids
    fit the 50,257-token vocabulary) to layer 8 plus a 24,576-latent random SAE encoder, exported
    with `atlas.export` in each mode: web download and speed only. Random weights say nothing about
    faithfulness, so no parity is reported for them. -> runs/bench/browser.json
-2. `--real CONFIG ...`: finished runs (activation store + SAE; configs are read relative to the
-   current directory, as `atlas` reads them), e.g. SmolLM2-135M at an early, a middle and a late
-   layer: each mode's parity with PyTorch on the run's held-out contexts (the export's gate), its
-   download, and its speed. -> runs/bench/browser_real.json (`make bench` alone keeps the last one)
+2. SmolLM2-135M (the demo's model, corpus and SAE settings) at an early, the demo's and a late layer
+   (`--layers`; runs/smollm2-layerL/ are collected and trained first, configs/demo.yaml's run at its
+   own layer): each mode's parity with PyTorch on the run's held-out contexts (the export's gate),
+   its agreement with the pages (the SAE on the stored activations), its download and its speed.
+   -> runs/bench/browser_real.json
 
 Speed: the site is served from 127.0.0.1 and run single-threaded with onnxruntime-web (wasm), as
 on GitHub Pages; time to first result (download + init + run, cold cache, local server), warm
@@ -27,6 +28,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -50,16 +53,47 @@ def gpt2_shaped(out: Path) -> Path:
     return out
 
 
-def export_mode(cfg, loaded, sae, contexts: list[list[int]], mode: str, out: Path) -> Path:
-    """`atlas.export` of the run in `mode`, with the gate off so that every mode is written."""
+def export_mode(cfg, loaded, sae, contexts: list[list[int]], frequent, mode: str, out: Path) -> Path:
+    """`atlas.export` of the run in `mode`, with the gate off so that every mode is written; for a
+    run with a store, its parity.json gets the agreement with the pages as `atlas export` records it."""
     from atlas import export
 
     if (out / "parity.json").exists():
         return out
     cfg.export.quantization, cfg.export.min_top1_agreement, cfg.export.min_topk_overlap = mode, 0.0, 0.0
     out.mkdir(parents=True, exist_ok=True)
-    export.export_dir(out, loaded, sae, cfg, f"bench-{out.name}", contexts)
+    report = export.export_dir(out, loaded, sae, cfg, f"bench-{out.name}", contexts, frequent)
+    store = cfg.run_dir / "activations.h5"
+    if store.exists():
+        report["web"]["pages_top1_agreement"] = export.pages_agreement(
+            out / "encoder.web.onnx", store, sae, len(contexts), cfg.analyze.skip_bos)
+        (out / "parity.json").write_text(json.dumps(report, indent=2))
     return out
+
+
+REAL_LAYERS = (3, 11, 25)
+"""SmolLM2-135M (30 blocks): an early, the demo's and a late layer."""
+
+
+def real_run(layer: int) -> Path:
+    """A finished store + SAE of the demo's config at `layer` (configs/demo.yaml itself at its own
+    layer); made with the CLI, which skips what is current. Returns the config's path."""
+    import subprocess
+
+    import yaml
+
+    demo = ROOT / "configs" / "demo.yaml"
+    subprocess.run(["make", "-s", "runs/demo-world/smollm2.json"], cwd=ROOT, check=True)
+    raw = yaml.safe_load(demo.read_text())
+    config = demo
+    if raw["model"]["layer"] != layer:
+        raw["model"]["layer"] = layer
+        config = OUT / "configs" / f"smollm2-layer{layer}.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(raw))
+    for stage in ("collect", "train"):
+        subprocess.run([sys.executable, "-m", "atlas", stage, "--config", str(config)], cwd=ROOT, check=True)
+    return config
 
 
 def prompt_of(tokenizer, n: int) -> str:
@@ -137,7 +171,7 @@ def measure(onnx: Path, work: Path, repeats: int) -> dict:
     shutil.rmtree(site, ignore_errors=True)
     assemble_site(site, onnx, labels=[])
     row = {"web_mb": meta["total_bytes"] / 1e6, "files": meta["bytes"],
-           "top1": web["top1_agreement"], "overlap": web["topk_overlap"]}
+           "top1": web["top1_agreement"], "overlap": web["topk_overlap"], "pages_top1": web.get("pages_top1_agreement")}
     row.update(browser_times(site, prompts, repeats))
     row.update(python_times(onnx, tok, meta["bos_token_id"], prompts, repeats))
     row["ratio_64"] = row["warm_64_s"] / row["py_warm_64_s"]
@@ -169,10 +203,10 @@ def gpt2_table(results: dict[str, dict]) -> dict:
                  "and speed only), headless Chromium, onnxruntime-web wasm, 1 thread",
         "columns": ["measure", "ours", "peer", "ratio", "goal"],
         "rows": rows,
-        "notes": ("Web modes (`export.quantization`): MatMul weights stored in 4 or 8 bits (w4: all 4-bit; w4-enc8: "
-                  "model 4-bit, SAE encoder 8-bit; w8: all 8-bit), the token embedding 4-bit (GatherBlockQuantized); "
-                  "weights are dequantised once when the session opens and every MatMul runs in float32 on float "
-                  "activations. Peer for latency: Python onnxruntime, 1 thread, same file, same tokens (median of "
+        "notes": ("Web modes (`export.quantization`): w8-emb4 stores MatMul weights in 8 bits (one scale per "
+                  "column) and the token embedding in 4 bits but for the 2,048 most frequent tokens' rows, in 8; w8 "
+                  "stores everything in 8 bits (weights in blocks of 32). Weights are dequantised once when the "
+                  "session opens and every MatMul runs in float32 on float activations. Peer for latency: Python onnxruntime, 1 thread, same file, same tokens (median of "
                   "repeats). The download counts the tiny test world's tokenizer.json; GPT-2's own is 1.4 MB larger. "
                   "Faithfulness is measured on real weights (next table), not on these random ones."),
     }
@@ -183,20 +217,24 @@ def real_table(results: dict[str, dict[str, dict]], gate: tuple[float, float]) -
     for run, modes in results.items():
         chosen = next((m for m, r in modes.items() if r["top1"] >= gate[0] and r["overlap"] >= gate[1]), "none")
         for mode, r in modes.items():
+            pages = "" if r.get("pages_top1") is None else f"{r['pages_top1']:.3f}"
             rows.append([run, mode + (" (auto)" if mode == chosen else ""), f"{r['web_mb']:.1f}",
-                         f"{r['top1']:.3f}", f"{r['overlap']:.3f}",
+                         f"{r['top1']:.3f}", f"{r['overlap']:.3f}", pages,
                          f"{r['warm_64_s']:.3f} / {r['py_warm_64_s']:.3f}", f"{r['warm_128_s']:.3f} / {r['py_warm_128_s']:.3f}",
                          "✓" if (r["top1"] >= gate[0] and r["overlap"] >= gate[1]) else "✗"])
     return {
         "title": "Prompt analyser on real weights: each web mode against PyTorch on the run's held-out contexts, "
                  "and its speed in headless Chromium (onnxruntime-web wasm, 1 thread) vs Python onnxruntime",
-        "columns": ["run", "mode", "download MB", "top-1 agreement", "top-k overlap", "warm 64 tokens (s), browser / Python",
+        "columns": ["run", "mode", "download MB", "top-1 agreement", "top-k overlap", "same top feature as the pages",
+                    "warm 64 tokens (s), browser / Python",
                     "warm 128 tokens (s), browser / Python", f"gate (top-1 ≥ {gate[0]}, overlap ≥ {gate[1]})"],
         "rows": rows,
         "notes": ("Top-1 agreement: share of held-out tokens whose strongest latent in the web file is PyTorch's; "
                   "top-k overlap: share of PyTorch's active top-k latents the web file also has (atlas.export.compare, "
                   "the export's gate). (auto) marks the mode `export.quantization: auto` keeps: the smallest that "
-                  "passes. Measured on the store's last `export.parity_texts` contexts."),
+                  "passes. Same top feature as the pages: share of those tokens (BOS left out) whose strongest latent "
+                  "in the web file is the SAE's on the stored activations, which the pages show (atlas.export."
+                  "pages_agreement). Measured on the store's last `export.parity_texts` contexts."),
     }
 
 
@@ -209,7 +247,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", nargs="+", default=list(export.QUANTIZATIONS), choices=list(export.QUANTIZATIONS))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--real", nargs="*", default=[], help="configs of finished runs (store + SAE) to measure on")
+    ap.add_argument("--layers", nargs="*", type=int, default=list(REAL_LAYERS),
+                    help="layers of SmolLM2-135M (the demo's model and corpus) to measure parity on")
     ap.add_argument("--keep", action="store_true", help="keep the models, exports and sites in runs/bench/browser-work")
     args = ap.parse_args()
 
@@ -221,19 +260,21 @@ def main() -> None:
         loaded = load_model(cfg.model.name)
         sae = make_sae(loaded.d_model, 24576)
         contexts = [export.encode_with_bos(loaded, t, 128) for t in export.FALLBACK_TEXTS]
-        shaped = {m: measure(export_mode(cfg, loaded, sae, contexts, m, work / f"gpt2-{m}"), work, args.repeats)
-                  for m in args.modes}
+        # random weights, so any token order does; it sets only which rows the size counts at 8 bits
+        frequent = np.arange(loaded.model.config.vocab_size)
+        shaped = {m: measure(export_mode(cfg, loaded, sae, contexts, frequent, m, work / f"gpt2-{m}"), work,
+                             args.repeats) for m in args.modes}
         real = {}
-        for path in args.real:
+        for layer in args.layers:
             from atlas.saes import load_sae
 
-            cfg = load_config(path)
+            cfg = load_config(real_run(layer).relative_to(ROOT))
             loaded = load_model(cfg.model.name, cfg.model.revision, gguf_file=cfg.model.gguf_file)
             sae = load_sae(cfg.run_dir / "sae").float().eval().requires_grad_(False)
             contexts = export.parity_contexts(cfg, loaded)
             name = f"{Path(cfg.model.name).name} layer {cfg.model.layer}"
-            real[name] = {m: measure(export_mode(cfg, loaded, sae, contexts, m, work / f"{cfg.name}-{m}"), work,
-                                     args.repeats) for m in args.modes}
+            real[name] = {m: measure(export_mode(cfg, loaded, sae, contexts, export.frequent_tokens(cfg), m,
+                                                 work / f"{cfg.name}-{m}"), work, args.repeats) for m in args.modes}
             del loaded, sae
     finally:
         if not args.keep:
