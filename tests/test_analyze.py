@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import atlas.analyze as analyze
+from atlas.analyze.selection import _rng, merge_topk
+from atlas.analyze.spill import Spill
 from atlas.cli import main
 from atlas.config import load_config
 from atlas.errors import AtlasError, ConfigError
@@ -22,7 +24,7 @@ from atlas.shards import read_feature, read_manifest, read_vocab
 from atlas.stage import write_stamp
 from atlas.store import ActivationStore
 
-_REAL_ITER, _REAL_BATCHES = ActivationStore.iter_batches, analyze.Spill.batches
+_REAL_ITER, _REAL_BATCHES = ActivationStore.iter_batches, Spill.batches
 D_SAE, K = 96, 6
 
 
@@ -322,13 +324,13 @@ def test_interrupted_run_resumes_to_the_same_result(analyzed, tiny_run, monkeypa
         return lambda x: (calls.append(len(x)), enc(x))[1]
 
     monkeypatch.setattr(analyze, "sparse_encoder", counting_encoder)
-    monkeypatch.setattr(analyze.Spill, "batches", _interrupting(_REAL_BATCHES, 4))
+    monkeypatch.setattr(Spill, "batches", _interrupting(_REAL_BATCHES, 4))
     with pytest.raises(KeyboardInterrupt):
         analyze.run(cfg)
     assert len(calls) == 6 and sum(calls) == 8192 - 3000
     state = torch.load(partial / "state.pt")
     assert state["phase"] == "sample" and state["sample_tokens"] == 4000
-    monkeypatch.setattr(analyze.Spill, "batches", _REAL_BATCHES)
+    monkeypatch.setattr(Spill, "batches", _REAL_BATCHES)
     calls.clear()
     resumed = analyze.run(cfg)
     # the stream is not encoded again; only the label splits are (atlas/label_data.py: the choose
@@ -407,7 +409,7 @@ def test_merge_topk_equals_sort():
     for b in range(5):
         n = int(torch.randint(0, 40, (1,), generator=g))
         grp, score = torch.randint(0, G, (n,), generator=g), torch.rand(n, generator=g)
-        analyze.merge_topk(buf, grp, score, [pos], [torch.arange(n) + 1000 * b])
+        merge_topk(buf, grp, score, [pos], [torch.arange(n) + 1000 * b])
         allg.append(grp)
         alls.append(score)
     allg, alls = torch.cat(allg), torch.cat(alls)
@@ -445,7 +447,7 @@ def test_reservoir_by_random_keys_is_uniform():
     for b in range(n // per_batch):
         group = torch.arange(G).repeat_interleave(per_batch)
         member = torch.arange(b * per_batch, (b + 1) * per_batch).repeat(G)
-        analyze.merge_topk(key, group, torch.rand(len(group), generator=analyze._rng(0, b)), [pos], [member])
+        merge_topk(key, group, torch.rand(len(group), generator=_rng(0, b)), [pos], [member])
     freq = torch.bincount(pos.flatten(), minlength=n).double() / G
     assert (pos >= 0).all()
     assert ((freq - m / n).abs() < 0.03).all(), freq  # 0.03 is > 4 standard errors

@@ -102,11 +102,11 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
         from test_analyze import _interrupting as interrupting
 
-        real_iter, real_batches = ActivationStore.iter_batches, analyze.Spill.batches
+        real_iter, real_batches = ActivationStore.iter_batches, analyze.spill.Spill.batches
         mine = Path(folder) / "runs" / "tiny" / "features.partial" / f"rank{rank}-of-{world}" / "state.pt"
         states = []
         for patch in ((ActivationStore, "iter_batches", interrupting(real_iter, 3)),
-                      (analyze.Spill, "batches", interrupting(real_batches, 2))):
+                      (analyze.spill.Spill, "batches", interrupting(real_batches, 2))):
             setattr(*patch)
             try:
                 analyze.run(cfg)
@@ -114,7 +114,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             except KeyboardInterrupt:
                 pass
             finally:
-                ActivationStore.iter_batches, analyze.Spill.batches = real_iter, real_batches
+                ActivationStore.iter_batches, analyze.spill.Spill.batches = real_iter, real_batches
             s = torch.load(mine, weights_only=True)
             states.append((s["phase"], s["tokens_done"], s.get("sample_tokens")))
             dist.barrier()

@@ -23,7 +23,8 @@ from atlas.cli import main
 from atlas.config import SAEConfig
 from atlas.errors import AtlasError
 from atlas.saes.batchtopk import batch_topk
-from atlas.train import CKPT_FILE, LOG_FILE, tensor_stream, train_sae
+from atlas.train.data import tensor_stream
+from atlas.train.trainer import CKPT_FILE, LOG_FILE, train_sae
 
 
 def _env() -> dict:

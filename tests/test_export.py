@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from atlas import export
+from atlas.export.quantization import (EMBED_BLOCK, RARE_EMBED_BLOCK, _quantize_embedding, dequantize_blocks,
+                                       dequantize_table, dequantized_weight, quantize_blocks, quantize_table)
 from atlas.config import WEB_QUANTIZATIONS, RunConfig
 from atlas.errors import AtlasError
 from atlas.model import load_model
@@ -37,6 +39,11 @@ class StandInSAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def encode_top(self, x: torch.Tensor, k: int):
+        from atlas.saes.base import top_of_dense
+
+        return top_of_dense(self.encode(x), k)
 
 
 def make_sae(d_in: int, d_sae: int = D_SAE, b_dec: torch.Tensor | None = None) -> nn.Module:
@@ -100,7 +107,7 @@ def test_files_and_metadata(exported):
     assert meta["max_tokens"] == 128 and meta["prepend_bos"] is True
     assert meta["outputs"] == {"ids": "top_ids", "acts": "top_acts", "n_active": "n_active"}
     assert meta["total_bytes"] == sum((exported / f).stat().st_size for f in meta["files"])
-    assert all((exported / f).stat().st_size <= export.MAX_FILE_BYTES for f in meta["files"])
+    assert all((exported / f).stat().st_size <= export.files.MAX_FILE_BYTES for f in meta["files"])
 
 
 def test_parity_report_records_the_choice(exported):
@@ -172,7 +179,7 @@ def test_web_weights_are_dequantised_once_at_load(exported, tmp_path):
     assert len(checked) == 2 * 4 + 1  # 2 blocks x 4 MatMuls, and the SAE encoder
     for t in full.graph.initializer:
         if t.name in weights:
-            assert np.array_equal(folded[t.name], export.dequantized_weight(numpy_helper.to_array(t), q.weight_block)), t.name
+            assert np.array_equal(folded[t.name], dequantized_weight(numpy_helper.to_array(t), q.weight_block)), t.name
 
 
 @pytest.mark.parametrize("block", [0, 32])
@@ -180,7 +187,7 @@ def test_dequantized_weight_error_is_half_a_step(block):
     """8-bit blocks along the input dimension: the error is half a step, plus what rounding the
     scale to float16 (relative error <= 2**-11) adds at the block's edge."""
     w = np.random.default_rng(block).normal(size=(96, 40)).astype(np.float32)
-    deq = export.dequantized_weight(w, block)
+    deq = dequantized_weight(w, block)
     blocks = w.reshape(-1, block or 96, 40)
     step = (np.maximum(blocks.max(1), 0) - np.minimum(blocks.min(1), 0)) / 255  # [n_blocks, cols]
     bound = np.repeat(step * (0.5 + 255 * 2**-11), block or 96, axis=0) + 1e-7
@@ -191,6 +198,15 @@ def test_web_file_is_close_to_torch(exported, loaded):
     ids = export.encode_with_bos(loaded, "Once upon a time, there was a little dog named Max.", 128)
     r = export.compare(torch_topk(loaded, ids), export.run_session(export.session(exported / "encoder.web.onnx"), ids))
     assert r["topk_overlap"] > 0.9
+
+
+def test_files_hold_no_local_paths(exported):
+    """torch's exporter records each node's source location; the published files must not carry
+    the paths of the machine that exported them."""
+    root = str(Path(__file__).resolve().parent.parent).encode()
+    for f in exported.glob("encoder*.onnx*"):
+        data = f.read_bytes()
+        assert root not in data and b"site-packages" not in data and b".py:" not in data, f.name
 
 
 def test_model_json_lists_only_what_the_browser_loads(exported):
@@ -208,8 +224,8 @@ def test_quantized_table_is_what_onnxruntime_gathers(cols, block, bits):
 
     w = np.random.default_rng(cols).normal(size=(300, cols)).astype(np.float32)
     w[7] = 0.0
-    data, scale, zps = export.quantize_table(w, bits, block)
-    deq = export.dequantize_table(data, scale, zps, bits, block)
+    data, scale, zps = quantize_table(w, bits, block)
+    deq = dequantize_table(data, scale, zps, bits, block)
     blk = np.arange(cols) // block
     step = scale.astype(np.float32)[:, blk]
     assert scale.dtype == np.float16 and (np.abs(deq - w) <= step / 2 + 2e-3 * np.abs(w) + 1e-6).all()
@@ -239,13 +255,13 @@ def test_frequent_tokens_keep_8_bit_rows():
                               [numpy_helper.from_array(w, "table")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     frequent = np.array([5, 299, 0, 17, 42])
-    assert export._quantize_embedding(model, 4, frequent) == 1
+    assert _quantize_embedding(model, 4, frequent) == 1
     ids = np.array([[0, 1, 5, 6, 299, 298], [17, 18, 42, 43, 100, 17]], np.int32)
     (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
 
     kept, rare = np.sort(frequent), np.setdiff1d(np.arange(300), frequent)
-    row8 = export.dequantize_blocks(*export.quantize_blocks(w[kept], export.EMBED_BLOCK, 8), export.EMBED_BLOCK)
-    row4 = export.dequantize_blocks(*export.quantize_blocks(w[rare], export.RARE_EMBED_BLOCK, 4), export.RARE_EMBED_BLOCK)
+    row8 = dequantize_blocks(*quantize_blocks(w[kept], EMBED_BLOCK, 8), EMBED_BLOCK)
+    row4 = dequantize_blocks(*quantize_blocks(w[rare], RARE_EMBED_BLOCK, 4), RARE_EMBED_BLOCK)
     want = np.stack([[row8[np.searchsorted(kept, i)] if i in kept else row4[np.searchsorted(rare, i)] for i in r] for r in ids])
     # onnxruntime may compute the float16 graph in float32 (it inserts casts where a kernel has no
     # float16 version), so values agree up to float16 rounding
@@ -284,7 +300,7 @@ def old_dynamic_int8(model):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    export._quantize_embedding(model, 4)
+    _quantize_embedding(model, 4)
     with tempfile.TemporaryDirectory() as d:
         onnx.save(model, f"{d}/in.onnx")
         quantize_dynamic(f"{d}/in.onnx", f"{d}/out.onnx", op_types_to_quantize=["MatMul", "Gather"],
@@ -382,8 +398,8 @@ def test_large_weights_are_split(exported, loaded, monkeypatch, tmp_path):
     """With a 64 KiB file limit the embedding is cut into parts and weights spread over data files."""
     import onnx
 
-    monkeypatch.setattr(export, "MAX_FILE_BYTES", 64 * 1024)
-    files = export._save(onnx.load(exported / "encoder.onnx"), tmp_path / "encoder.onnx")
+    monkeypatch.setattr(export.files, "MAX_FILE_BYTES", 64 * 1024)
+    files = export.files.save_model(onnx.load(exported / "encoder.onnx"), tmp_path / "encoder.onnx")
     assert len(files) > 3 and all((tmp_path / f).stat().st_size <= 64 * 1024 + 4096 for f in files[1:])
     ids = export.encode_with_bos(loaded, "Tom met Lily in the park.", 128)
     a = export.run_session(export.session(tmp_path / "encoder.onnx"), ids)

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from tiny_llama import GGUF_NAME
 
-from atlas.errors import AtlasError
 from atlas.evaluate import downstream_scores
 from atlas.model import cache_dir, load_model
 

@@ -11,7 +11,8 @@ from atlas.errors import AtlasError
 from atlas.saes import ARCHITECTURES, build_sae, load_sae
 from atlas.saes.batchtopk import batch_topk
 from atlas.saes.fused import fixed_width, sparse_decode, sparse_encode
-from atlas.train import tensor_stream, train_sae
+from atlas.train.data import tensor_stream
+from atlas.train.trainer import train_sae
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

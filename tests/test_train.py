@@ -3,13 +3,13 @@
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from atlas.config import SAEConfig, TrainConfig
 from atlas.errors import AtlasError
-from atlas.train import CKPT_FILE, LOG_FILE, RowStream, geometric_median, lr_at, tensor_stream, train_sae
+from atlas.train.data import RowStream, tensor_stream
+from atlas.train.trainer import CKPT_FILE, LOG_FILE, geometric_median, lr_at, train_sae
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

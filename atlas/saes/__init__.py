@@ -4,7 +4,12 @@
     sae.save(dir)             -> dir/cfg.json + dir/sae_weights.safetensors (SAELens format)
     load_sae(dir)             -> the SAE in dir, ours or SAELens's (standard, topk, jumprelu)
     sae.encode(x)             -> dense latents [n, d_sae];  sae.decode(f) -> [n, d_in]
+    sae.encode_sparse(x)      -> SparseCodes: (row, latent id, value) of every active latent
+    sae.encode_top(x, k)      -> TopLatents: the k strongest latents per row, and how many are active
     sae.encode_topk(x, k)     -> (values, indices) of the k largest latents per row
+
+Adding an architecture is one module here and one line in `registry.py`: the stages call these
+methods and never ask which architecture they hold.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import torch
 
 from atlas.config import SAEConfig
 from atlas.errors import AtlasError
-from atlas.saes.base import CFG_FILE, CONFIG_KEY, WEIGHTS_FILE, ForwardOutput, SparseAutoencoder
+from atlas.saes.base import (CFG_FILE, CONFIG_KEY, WEIGHTS_FILE, ForwardOutput, SparseAutoencoder, SparseCodes,
+                             TopLatents)
 from atlas.saes.registry import ARCHITECTURES, SAELENS_ARCHITECTURES
 
-__all__ = ["build_sae", "load_sae", "SparseAutoencoder", "ForwardOutput", "ARCHITECTURES",
-           "CFG_FILE", "WEIGHTS_FILE"]
+__all__ = ["build_sae", "load_sae", "SparseAutoencoder", "SparseCodes", "TopLatents", "ForwardOutput",
+           "ARCHITECTURES", "CFG_FILE", "WEIGHTS_FILE"]
 
 
 def build_sae(cfg: SAEConfig, d_in: int, seed: int = 0, metadata: dict | None = None) -> SparseAutoencoder:
@@ -57,8 +63,8 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> Spars
         if raw.get(key) not in ok:
             raise AtlasError(f"{cfg_path}: '{key}' = {raw.get(key)!r} is not supported (only 'none'); "
                              f"fold the normalisation into the weights first")
-    try:
-        d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
+    try:  # read by the architecture's from_saelens_cfg
+        int(raw["d_in"]), int(raw["d_sae"])
     except (KeyError, TypeError, ValueError):
         raise AtlasError(f"{cfg_path}: needs integer 'd_in' and 'd_sae'") from None
     try:
@@ -67,27 +73,8 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> Spars
         raise AtlasError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
     cls = SAELENS_ARCHITECTURES[arch]
-    metadata = raw.get("metadata") or {}
-    cfg = dataclasses.replace(_recorded_config(metadata, cfg_path), architecture=cls.architecture, d_sae=d_sae)
-    if arch == "topk":
-        k = raw.get("k")
-        if not isinstance(k, int) or not 1 <= k <= d_sae:
-            raise AtlasError(f"{cfg_path}: 'k' = {k!r}: a topk SAE needs an integer k in 1..d_sae")
-        cfg = dataclasses.replace(cfg, k=k)
-    sae = cls(cfg, d_in, apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=metadata)
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    if arch == "jumprelu":
-        shapes["threshold"] = (d_sae,)
-    with torch.no_grad():
-        for name, shape in shapes.items():
-            if name not in state:
-                raise AtlasError(f"{weights_path}: missing tensor '{name}'")
-            if tuple(state[name].shape) != shape:
-                raise AtlasError(f"{weights_path}: tensor '{name}' has shape {tuple(state[name].shape)}, "
-                                 f"expected {shape} from {CFG_FILE}")
-            getattr(sae, name).copy_(state[name].float())
-        if arch == "topk" and raw.get("rescale_acts_by_decoder_norm"):
-            sae.fold_decoder_norm()  # exact: top-k of pre * ||W_dec|| is what the SAE meant
+    sae = cls.from_saelens_cfg(raw, _recorded_config(raw.get("metadata") or {}, cfg_path), cfg_path)
+    sae.load_saelens_state(state, raw, weights_path)
     return sae.to(device).eval().requires_grad_(False)
 
 

@@ -9,7 +9,11 @@ An SAE maps a residual-stream vector x [d_in] to latents f [d_sae] and back:
 Tensor names, shapes and the `cfg.json` keys are SAELens's (v6 layout), so a folder written by
 `save` loads with `sae_lens.SAE.load_from_disk` and a SAELens folder loads with `load_sae`.
 Each architecture computes its own training loss in `forward`; the trainer only calls
-`forward`, `before_step` and `after_step` and never asks which architecture it holds.
+`forward`, `before_step` and `after_step` and never asks which architecture it holds. The other
+stages do the same with the inference methods: `encode_sparse` (analysis and labels), `encode_top`
+(the ONNX graph, hence the browser), `encode`/`decode` (evaluation), and the SAELens file format
+through `from_saelens_cfg`/`to_saelens_cfg` and `load_saelens_state`/`saelens_state`. An
+architecture overrides whichever of them its activation makes cheaper or different.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from atlas.config import SAEConfig
+from atlas.errors import AtlasError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -62,6 +67,34 @@ class ForwardOutput(NamedTuple):
     """Mean number of active latents per token."""
     fired: Tensor
     """[d_sae] bool: latents active on at least one token of the batch."""
+
+
+class SparseCodes(NamedTuple):
+    """The active latents of a batch x [n, d_in], one entry per (row, latent), in row order."""
+
+    rows: Tensor
+    """[nnz] int64: the row of x each entry belongs to (ascending)."""
+    ids: Tensor
+    """[nnz] int64: the latent."""
+    values: Tensor
+    """[nnz]: its activation (> 0)."""
+
+
+class TopLatents(NamedTuple):
+    """The k strongest latents of each row, in a fixed width (what the ONNX graph outputs)."""
+
+    ids: Tensor
+    """[..., k] int64: latent ids, strongest first."""
+    values: Tensor
+    """[..., k]: their activations (0 past the active ones)."""
+    n_active: Tensor
+    """[...]: how many of all d_sae latents are > 0."""
+
+
+def top_of_dense(codes: Tensor, k: int) -> TopLatents:
+    """`TopLatents` of dense latents [..., d_sae]."""
+    values, ids = codes.topk(k, dim=-1)
+    return TopLatents(ids, values, (codes > 0).sum(-1))
 
 
 class SparseAutoencoder(nn.Module):
@@ -114,6 +147,17 @@ class SparseAutoencoder(nn.Module):
         """The k largest activations per row and their latent ids, sorted descending."""
         values, indices = self.encode(x).topk(k, dim=-1)
         return values, indices
+
+    def encode_sparse(self, x: Tensor) -> SparseCodes:
+        """The active latents of x [n, d_in], without any [n, d_sae] matrix the caller must scan
+        (here: the dense codes' nonzero entries; TopK reads its k per row directly)."""
+        codes = self.encode(x)
+        rows, ids = (codes > 0).nonzero(as_tuple=True)
+        return SparseCodes(rows, ids, codes[rows, ids])
+
+    def encode_top(self, x: Tensor, k: int) -> TopLatents:
+        """The k strongest latents per row and the number active (plain torch ops, traceable)."""
+        return top_of_dense(self.encode(x), k)
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
@@ -170,6 +214,12 @@ class SparseAutoencoder(nn.Module):
         if g is not None:
             g.sub_((g * self.W_dec).sum(dim=1, keepdim=True) * self.W_dec)
 
+    def copy(self) -> SparseAutoencoder:
+        """A copy on the CPU: the same class, config and weights."""
+        out = type(self)(self.cfg, self.d_in, self.apply_b_dec_to_input, self.metadata)
+        out.load_state_dict(self.state_dict())
+        return out
+
     # ---- folding (exact reparametrisations) -----------------------------------------------
     @torch.no_grad()
     def fold_activation_scale(self, scale: float) -> None:
@@ -179,17 +229,28 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.div_(scale)
 
     @torch.no_grad()
-    def fold_decoder_norm(self) -> None:
-        """Make decoder rows unit norm, scaling each latent's activation by its old norm."""
+    def fold_decoder_norm(self) -> Tensor:
+        """Make decoder rows unit norm, scaling each latent's activation by its old norm (returned)."""
         norms = self.W_dec.norm(dim=1).clamp_min(1e-8)
         self.W_dec.div_(norms[:, None])
         self.W_enc.mul_(norms[None, :])
         self.b_enc.mul_(norms)
-        if isinstance(getattr(self, "threshold", None), Tensor) and self.threshold.numel() == self.d_sae:
-            self.threshold.mul_(norms)
+        return norms
 
     # ---- the SAELens format ---------------------------------------------------------------
-    def saelens_cfg(self) -> dict:
+    saelens_tensors: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec")
+    """The tensors of sae_weights.safetensors that `load_saelens_state` reads."""
+
+    @classmethod
+    def from_saelens_cfg(cls, raw: dict, recorded: SAEConfig, cfg_path: Path) -> SparseAutoencoder:
+        """A zero-weight SAE of this class shaped as cfg.json `raw` says (v6 layout, whose common keys
+        `load_sae` has checked). `recorded`: the SAEConfig our trainer kept in its metadata
+        (defaults for folders written elsewhere); `cfg_path` is named in errors."""
+        cfg = dataclasses.replace(recorded, architecture=cls.architecture, d_sae=int(raw["d_sae"]))
+        return cls(cfg, int(raw["d_in"]), apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+                   metadata=raw.get("metadata") or {})
+
+    def to_saelens_cfg(self) -> dict:
         """cfg.json in SAELens's v6 layout (architecture-specific keys added by subclasses)."""
         meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
                 "training_architecture": self.architecture, CONFIG_KEY: dataclasses.asdict(self.cfg),
@@ -198,11 +259,20 @@ class SparseAutoencoder(nn.Module):
             "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32", "device": "cpu",
             "apply_b_dec_to_input": self.apply_b_dec_to_input, "normalize_activations": "none",
             "reshape_activations": "none", "metadata": meta, "architecture": self.saelens_architecture,
-            **self._extra_cfg(),
         }
 
-    def _extra_cfg(self) -> dict:
-        return {}
+    @torch.no_grad()
+    def load_saelens_state(self, state: dict[str, Tensor], raw: dict, weights_path: Path) -> None:
+        """Copy `saelens_tensors` from a sae_weights.safetensors (`state`) in, checking their shapes;
+        `raw` is the folder's cfg.json, `weights_path` is named in errors."""
+        for name in self.saelens_tensors:
+            shape = tuple(getattr(self, name).shape)
+            if name not in state:
+                raise AtlasError(f"{weights_path}: missing tensor '{name}'")
+            if tuple(state[name].shape) != shape:
+                raise AtlasError(f"{weights_path}: tensor '{name}' has shape {tuple(state[name].shape)}, "
+                                 f"expected {shape} from {CFG_FILE}")
+            getattr(self, name).copy_(state[name].float())
 
     def saelens_state(self) -> dict[str, Tensor]:
         """The tensors written to sae_weights.safetensors."""
@@ -214,7 +284,7 @@ class SparseAutoencoder(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self.saelens_state(), str(directory / WEIGHTS_FILE))
-        (directory / CFG_FILE).write_text(json.dumps(self.saelens_cfg(), indent=2) + "\n")
+        (directory / CFG_FILE).write_text(json.dumps(self.to_saelens_cfg(), indent=2) + "\n")
         return directory
 
     def extra_repr(self) -> str:

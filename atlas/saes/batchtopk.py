@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from atlas import distributed
+from atlas.saes.base import SparseAutoencoder
 from atlas.saes.fused import Active
 from atlas.saes.topk import TopKSAE
 
@@ -109,6 +110,12 @@ class BatchTopKSAE(TopKSAE):
     def encode_topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return self.encode(x).topk(k, dim=-1)
 
+    # Inference keeps every latent above one threshold, so a token may hold more than k: the dense
+    # forms of the base class, not TopK's (and SAELens reads the saved SAE as JumpReLU, with no k).
+    encode_sparse = SparseAutoencoder.encode_sparse
+    encode_top = SparseAutoencoder.encode_top
+    to_saelens_cfg = SparseAutoencoder.to_saelens_cfg
+
     @torch.no_grad()
     def select(self, pre: Tensor) -> Active:
         """The batch's n*k largest entries (`batch_topk`); in training, also updates the threshold."""
@@ -132,6 +139,3 @@ class BatchTopKSAE(TopKSAE):
         state = super().saelens_state()
         state["threshold"] = torch.full((self.d_sae,), float(self.threshold))
         return state
-
-    def _extra_cfg(self) -> dict:
-        return {}

@@ -49,6 +49,7 @@ class JumpReLUSAE(SparseAutoencoder):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
     decoder_init_norm = 0.1
+    saelens_tensors = (*SparseAutoencoder.saelens_tensors, "threshold")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -70,9 +71,14 @@ class JumpReLUSAE(SparseAutoencoder):
         return ForwardOutput(sae_out, acts, None, None, fvu, mse, aux, err.mean() + aux,
                              active.sum(-1).float().mean(), active.any(0))
 
+    @torch.no_grad()
+    def fold_decoder_norm(self) -> Tensor:
+        norms = super().fold_decoder_norm()
+        self.threshold.mul_(norms)  # a latent fires where it did: its threshold scales with it
+        return norms
+
     def saelens_state(self) -> dict[str, Tensor]:
-        folded = JumpReLUSAE(self.cfg, self.d_in, self.apply_b_dec_to_input, self.metadata)
-        folded.load_state_dict(self.state_dict())
+        folded = self.copy()
         folded.fold_decoder_norm()
         state = SparseAutoencoder.saelens_state(folded)
         state["threshold"] = folded.threshold.detach().float().contiguous().cpu()

@@ -62,7 +62,6 @@ class ReLUSAE(SparseAutoencoder):
         return int(dead.numel())
 
     def saelens_state(self) -> dict[str, Tensor]:
-        folded = ReLUSAE(self.cfg, self.d_in, self.apply_b_dec_to_input, self.metadata)
-        folded.load_state_dict(self.state_dict())
+        folded = self.copy()
         folded.fold_decoder_norm()
         return SparseAutoencoder.saelens_state(folded)

@@ -19,20 +19,26 @@ by the decoder norm make its decoder steps ~10x larger relative to the weights);
 demo and tiny worlds (tests/bench/bench_quality.py), this is what closed the explained-variance
 and CE-loss gap to SAELens at the same lr, while dead latents stayed fewer than SAELens's. Training goes through
 `atlas.saes.fused`, whose backward is sparse; inference `encode` is plain torch for ONNX.
+Inference reads the k latents of each token directly (`encode_sparse`, `encode_top`), never
+scanning a dense [n, d_sae] matrix for its nonzero entries.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
-from atlas.saes.base import ForwardOutput, SparseAutoencoder
+from atlas.config import SAEConfig
+from atlas.errors import AtlasError
+from atlas.saes.base import ForwardOutput, SparseAutoencoder, SparseCodes, TopLatents
 from atlas.saes.fused import Active, fixed_width, sparse_decode, sparse_encode
 
 DENSE_AUX_FACTOR = 32
 """Up to this many times aux_k dead latents, AuxK runs as dense products over the dead ones:
 on a CPU that beats gathering aux_k decoder rows per token (memory-bound) until most latents are dead."""
-
 
 
 class TopKSAE(SparseAutoencoder):
@@ -55,6 +61,25 @@ class TopKSAE(SparseAutoencoder):
         if k > self.k:  # only k latents are ever active
             values = values * (torch.arange(k, device=x.device) < self.k)
         return values, indices
+
+    def encode_sparse(self, x: Tensor) -> SparseCodes:
+        # encode_topk(x, k) with the bias added in place: the same values, one [n, d_sae] buffer less
+        pre = (x - self.b_dec if self.apply_b_dec_to_input else x) @ self.W_enc
+        pre += self.b_enc
+        values, ids = pre.topk(self.k, dim=-1)
+        del pre
+        values = torch.relu(values)
+        keep = values > 0
+        rows = torch.arange(len(x), device=x.device)[:, None].expand_as(ids)
+        return SparseCodes(rows[keep], ids[keep], values[keep])
+
+    def encode_top(self, x: Tensor, k: int) -> TopLatents:
+        # At most self.k latents are active: count them among the top max(k, self.k), with no
+        # dense [n, d_sae] scatter (in the ONNX graph, none at all).
+        values, ids = self.encode_topk(x, max(k, self.k))
+        n_active = (values > 0).sum(-1)
+        values, ids = values[..., :k], ids[..., :k]
+        return TopLatents(ids, values, n_active)
 
     def select(self, pre: Tensor) -> Active:
         """The entries a training step keeps (atlas.saes.fused.Select): the k largest per row."""
@@ -103,5 +128,17 @@ class TopKSAE(SparseAutoencoder):
     def after_step(self) -> None:
         self._unit_norm_decoder()
 
-    def _extra_cfg(self) -> dict:
-        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
+    @classmethod
+    def from_saelens_cfg(cls, raw: dict, recorded: SAEConfig, cfg_path: Path) -> TopKSAE:
+        k = raw.get("k")
+        if not isinstance(k, int) or not 1 <= k <= int(raw["d_sae"]):
+            raise AtlasError(f"{cfg_path}: 'k' = {k!r}: a topk SAE needs an integer k in 1..d_sae")
+        return super().from_saelens_cfg(raw, dataclasses.replace(recorded, k=k), cfg_path)
+
+    def to_saelens_cfg(self) -> dict:
+        return {**super().to_saelens_cfg(), "k": self.k, "rescale_acts_by_decoder_norm": False}
+
+    def load_saelens_state(self, state: dict[str, Tensor], raw: dict, weights_path: Path) -> None:
+        super().load_saelens_state(state, raw, weights_path)
+        if raw.get("rescale_acts_by_decoder_norm"):
+            self.fold_decoder_norm()  # exact: top-k of pre * ||W_dec|| is what the SAE meant

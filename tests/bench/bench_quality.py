@@ -93,7 +93,8 @@ def stream_order(data, batch: int, steps: int):
     input scale from: the same RowStream walk, over row ids instead of activations."""
     import torch
 
-    from atlas.train import SAMPLE_ROWS, RowStream
+    from atlas.train.data import RowStream
+    from atlas.train.trainer import SAMPLE_ROWS
 
     ids = torch.arange(data.n_rows, dtype=torch.float64)[:, None]  # exact in float32 below 2**24 rows
     assert data.n_rows < 2 ** 24
@@ -143,7 +144,8 @@ def sweep(cfg, store_path: Path, py: Path | None, threads: int, lrs: list[float]
     from atlas.model import load_model
     from atlas.saes import load_sae
     from atlas.store import ActivationStore
-    from atlas.train import store_stream, train_sae
+    from atlas.train.data import store_stream
+    from atlas.train.trainer import train_sae
 
     torch.set_num_threads(threads)
     tc = cfg.train

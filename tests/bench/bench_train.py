@@ -59,7 +59,7 @@ def ours(x_path: Path, d_sae: int, steps: int, threads: int, architecture: str =
     from atlas.config import SAEConfig
     from atlas.evaluate import reconstruction_metrics
     from atlas.saes import build_sae
-    from atlas.train import inference_copy, init_from_data
+    from atlas.train.trainer import inference_copy, init_from_data
 
     torch.set_num_threads(threads)
     x = torch.from_numpy(np.load(x_path))

@@ -1,7 +1,8 @@
 """`make bench`: run every benchmark in tests/bench/ one after another, then write their tables
 into README.md between the bench markers, with the date and the machine they were measured on.
 
-Each bench_*.py writes runs/bench/<name>.json: {"title", "columns", "rows", "notes"}.
+Each bench_*.py writes runs/bench/<name>.json: {"title", "columns", "rows", "notes"}; one with
+"section": "stages" (bench_stages.py) goes between the README's stages markers instead.
     python tests/bench/run_all.py [name ...]    # e.g. collect train; default: all
     python tests/bench/run_all.py --report      # only rewrite the README table from runs/bench/*.json
 """
@@ -16,8 +17,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = ["collect", "train", "analyze", "labels", "browser", "build", "quality"]
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+ORDER = ["stages", "collect", "train", "analyze", "labels", "browser", "browser_real", "build", "quality"]
+"""Scripts run in this order (bench_<name>.py, where there is one) and tables written in it."""
 
 
 def machine() -> str:
@@ -29,8 +30,8 @@ def machine() -> str:
     return f"{os.cpu_count()} cores of {cpu}, {mem:.0f} GiB RAM, no GPU"
 
 
-def table(result: dict) -> str:
-    lines = [f"**{result['title']}**", "", "| " + " | ".join(result["columns"]) + " |",
+def table(result: dict, heading: str = "**{}**") -> str:
+    lines = [heading.format(result["title"]), "", "| " + " | ".join(result["columns"]) + " |",
              "|" + "---|" * len(result["columns"])]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in result["rows"]]
     if result.get("notes"):
@@ -49,19 +50,25 @@ def main(names: list[str]) -> int:
         if subprocess.run([sys.executable, str(script)], cwd=ROOT).returncode != 0:
             failed.append(name)
         print(f"== bench {name}: {time.time() - t0:.0f} s", flush=True)
-    sections = [f"Measured by `make bench` on {time.strftime('%Y-%m-%d')}, {machine()}.", ""]
+    tables = [f"Measured by `make bench` on {time.strftime('%Y-%m-%d')}, {machine()}.", ""]
+    stages = []
     for name in ORDER:
         path = ROOT / "runs" / "bench" / f"{name}.json"
         result = json.loads(path.read_text()) if path.exists() else {}
         if "title" in result:
-            sections += [table(result), ""]
+            if result.get("section") == "stages":
+                stages = [table(result, heading="### {}"), ""]
+            else:
+                tables += [table(result), ""]
     readme = ROOT / "README.md"
     text = readme.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        readme.write_text(head + START + "\n" + "\n".join(sections) + END + tail)
-        print("README.md benchmark table updated")
+    for marker, lines in (("bench", tables), ("stages", stages)):
+        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+        if lines and start in text and end in text:
+            head, rest = text.split(start, 1)
+            text = head + start + "\n" + "\n".join(lines) + end + rest.split(end, 1)[1]
+    readme.write_text(text)
+    print("README.md benchmark tables updated")
     if failed:
         print(f"benchmarks that failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -1,0 +1,161 @@
+"""Parity: what the exported files compute against PyTorch (and against the pages), on held-out
+token contexts, run by Python onnxruntime as the browser runs onnxruntime-web.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from atlas.export.tracing import Encoded, max_tokens
+
+FALLBACK_TEXTS = [
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.",
+    "The quick brown fox jumps over the lazy dog.\nIt was a sunny day, and everyone was happy.",
+    "def add(a, b):\n    return a + b  # numbers, 12345 and 3.14159",
+    "In 1969, Neil Armstrong became the first person to walk on the Moon.",
+    "\"Can I have some cake?\" asked Tom. His mother smiled and said, \"Yes, after dinner!\"",
+    "Water boils at 100 degrees Celsius at sea level; at higher altitudes it boils at lower temperatures.",
+    "Café, naïve, résumé — unicode text with accents, and an emoji 🙂 too.",
+    "The Federal Reserve raised interest rates by a quarter of a percentage point on Wednesday.",
+]
+
+
+def frequent_tokens(cfg) -> np.ndarray | None:
+    """Token ids by falling frequency in the store's training contexts (the parity contexts are
+    the held-out ones, so the web file is not tuned to them); None without a store."""
+    store = cfg.run_dir / "activations.h5"
+    if not store.exists():
+        return None
+    import h5py
+
+    with h5py.File(store, "r") as f:
+        n_train = len(f["tokens"]) - int(f.attrs.get("n_eval_contexts", 0))
+        tokens = np.asarray(f["tokens"][:max(n_train, 0)]).ravel()
+    counts = np.bincount(tokens) if tokens.size else np.zeros(0, np.int64)
+    return np.argsort(-counts, kind="stable")[:int((counts > 0).sum())]
+
+
+def parity_contexts(cfg, loaded) -> list[list[int]]:
+    """Held-out token contexts: the store's last (eval) contexts when a store exists, else texts."""
+    n = cfg.export.parity_texts
+    store = cfg.run_dir / "activations.h5"
+    if store.exists():
+        import h5py
+
+        with h5py.File(store, "r") as f:
+            tokens = f["tokens"]
+            return [list(map(int, row)) for row in tokens[max(0, len(tokens) - n):]]
+    texts = _corpus_texts(cfg, n) or FALLBACK_TEXTS[:n]
+    return [encode_with_bos(loaded, t, min(cfg.corpus.ctx_len, max_tokens(loaded))) for t in texts]
+
+
+def pages_agreement(web: Path, store_path: Path, sae: nn.Module, n_contexts: int, skip_bos: bool) -> float:
+    """Share of the store's last `n_contexts` contexts' tokens (BOS left out with `skip_bos`, as
+    the pages leave it out) whose strongest latent in the web file is the one the pages show: the
+    SAE's on the stored activations (float16 when the store is), not on a fresh float32 forward."""
+    import h5py
+
+    sess = session(web)
+    same = total = 0
+    with h5py.File(store_path, "r") as f, torch.no_grad():
+        tokens, L = f["tokens"], int(f.attrs["ctx_len"])
+        for c in range(max(0, len(tokens) - n_contexts), len(tokens)):
+            acts = torch.from_numpy(np.asarray(f["acts"][c * L:(c + 1) * L], np.float32))
+            dense = sae.encode(acts)
+            best, fires = dense.argmax(-1).numpy(), (dense > 0).any(-1).numpy()
+            got = run_session(sess, [int(t) for t in tokens[c]])
+            keep = fires.copy()
+            keep[0] &= not skip_bos
+            same += int(((got.top_ids[:, 0] == best) & (got.top_acts[:, 0] > 0))[keep].sum())
+            total += int(keep.sum())
+    return same / max(total, 1)
+
+
+def encode_with_bos(loaded, text: str, max_len: int) -> list[int]:
+    """What the browser does: BOS, then the text's tokens without special-token handling, truncated."""
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ([loaded.bos_token_id] + ids)[:max_len]
+
+
+def _corpus_texts(cfg, n: int) -> list[str]:
+    path = Path(cfg.corpus.dataset)
+    if not path.is_file():
+        return []
+    if path.suffix == ".jsonl":
+        lines = path.read_text().splitlines()
+        return [json.loads(line)[cfg.corpus.text_field] for line in lines[-n:] if line.strip()]
+    if path.suffix == ".txt":
+        return [p for p in path.read_text().split("\n\n") if p.strip()][-n:]
+    return []
+
+
+def _concat(parts: list[Encoded]) -> Encoded:
+    return Encoded(*(np.concatenate(x) for x in zip(*parts)))
+
+
+def torch_outputs(graph: nn.Module, contexts: list[list[int]]) -> Encoded:
+    """What PyTorch computes for each context, concatenated over the tokens."""
+    with torch.no_grad():
+        return _concat([Encoded(*(t[0].numpy() for t in graph(torch.tensor([ids], dtype=torch.int32))))
+                        for ids in contexts])
+
+
+def check_file(path: Path, contexts: list[list[int]], reference: Encoded) -> dict:
+    """`compare` of the ONNX file at `path`, run by Python onnxruntime, with PyTorch's `reference`."""
+    sess = session(path)
+    t0 = time.time()
+    r = compare(reference, _concat([run_session(sess, ids) for ids in contexts]))
+    r["seconds"] = round(time.time() - t0, 3)
+    return r
+
+
+def compare(ref: Encoded, got: Encoded, tol: float = 1e-4) -> dict:
+    """Per-token agreement of `got` with the reference, both over n tokens ([n, k] and [n]).
+
+    ids_match: share of ranks with the reference's id. A rank whose reference value is within `tol`
+    (relative to the token's largest activation) of a neighbouring rank is a near-tie: its id may
+    legitimately swap, so it is not counted; ranks with zero activation carry no id and are not
+    counted either. top1_agreement: tokens whose strongest latent is the reference's (over tokens
+    with an active latent). topk_overlap: the share of the reference's active top-k ids that `got`
+    has among its active top k, averaged over tokens. n_active_match: tokens with the same active count.
+    """
+    ref_ids, ref_acts = ref.top_ids, ref.top_acts
+    scale = np.maximum(np.abs(ref_acts).max(axis=1, keepdims=True), 1e-6)
+    rel = np.abs(got.top_acts - ref_acts) / scale
+    gaps = np.abs(np.diff(ref_acts, axis=1)) / scale
+    tie = np.zeros_like(ref_acts, dtype=bool)
+    tie[:, 1:] |= gaps < tol
+    tie[:, :-1] |= gaps < tol
+    counted = (ref_acts > 0) & ~tie
+    ids_match = float((got.top_ids == ref_ids)[counted].mean()) if counted.any() else 1.0
+    overlap = [len(set(a[r > 0]) & set(b[g > 0])) / max(1, int((r > 0).sum()))
+               for a, r, b, g in zip(ref_ids, ref_acts, got.top_ids, got.top_acts)]
+    active = ref_acts[:, 0] > 0
+    top1 = float((got.top_ids[:, 0] == ref_ids[:, 0])[active].mean()) if active.any() else 1.0
+    return {"n_tokens": int(len(ref_ids)), "k": int(ref_ids.shape[1]), "ids_match": ids_match,
+            "max_rel_err": float(rel.max()), "mean_rel_err": float(rel.mean()), "top1_agreement": top1,
+            "topk_overlap": float(np.mean(overlap)), "n_active_match": float((got.n_active == ref.n_active).mean()),
+            "n_active_mean_abs_err": float(np.abs(got.n_active.astype(np.int64) - ref.n_active).mean()),
+            "n_active_max_err": int(np.abs(got.n_active.astype(np.int64) - ref.n_active).max(initial=0))}
+
+
+def session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, ids: list[int]) -> Encoded:
+    """The file's outputs for one token sequence (batch of one, so leading dims [seq])."""
+    out = sess.run(list(Encoded._fields), {"input_ids": np.asarray([ids], dtype=np.int32)})
+    return Encoded(*(o[0] for o in out))

@@ -1,0 +1,66 @@
+"""`atlas train`: fit a sparse autoencoder to the stored activations, then evaluate it.
+
+Reads runs/X/activations.h5 (training split), writes runs/X/sae/ (SAELens-format cfg.json and
+sae_weights.safetensors, metrics.json, metrics.jsonl, stamp.json). While training, the state
+lives in runs/X/sae.ckpt/: a checkpoint every `train.checkpoint_every` steps and the metrics log,
+so a killed run resumes from its last checkpoint and reproduces the same batches.
+
+In reading order: `data.py` (the shuffled training rows), `trainer.py` (the loop, data-parallel
+under `torchrun`). Rank 0 alone writes sae/ and runs the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from atlas import distributed
+from atlas.config import RunConfig
+from atlas.stage import atomic_dir, fingerprint, input_digest, is_current, require_finite, rerun
+from atlas.train.data import store_stream
+from atlas.train.trainer import CKPT_FILE, LOG_FILE, train_sae
+
+
+def sae_metadata(cfg: RunConfig, store) -> dict:
+    """SAELens metadata fields describing where the SAE's inputs come from."""
+    info = store.info
+    return {"model_name": info.model, "hook_name": info.hook_name, "hook_head_index": None,
+            "context_size": info.ctx_len, "prepend_bos": True, "dataset_path": cfg.corpus.dataset,
+            "model_revision": info.revision, "layer": info.layer, "exclude_bos": cfg.train.exclude_bos}
+
+
+def run(cfg: RunConfig, force: bool = False) -> Path:
+    from atlas.evaluate import evaluate
+    from atlas.model import resolve_device
+    from atlas.store import ActivationStore
+
+    store_path = cfg.run_dir / "activations.h5"
+    out = cfg.run_dir / "sae"
+    store_digest = input_digest(store_path, "collect", cfg)
+    fp = fingerprint(cfg.section_hash("sae", "train"), store_digest)
+    if is_current(out, fp) and not force:
+        print(f"train: {out} is up to date")
+        return out
+    ckpt_dir = cfg.run_dir / "sae.ckpt"
+    main = distributed.is_main()
+    if force and main and (ckpt_dir / CKPT_FILE).exists():
+        (ckpt_dir / CKPT_FILE).unlink()
+    device = resolve_device(cfg.model.device)
+    with ActivationStore(store_path, rerun("collect", cfg)) as store:
+        data = store_stream(store, cfg.train)
+        t0 = time.perf_counter()
+        sae, summary = train_sae(cfg.sae, cfg.train, data, ckpt_dir=ckpt_dir, fp=fp,
+                                 metadata=sae_metadata(cfg, store), device=device)
+        summary["train_seconds"] = round(time.perf_counter() - t0, 1)
+        if main:  # the other ranks hold the same SAE; they wait for rank 0's sae/ below
+            require_finite(sae.state_dict(), out, "training diverged; lower train.lr")
+            metrics = {**evaluate(sae, store, cfg), **summary}
+            with atomic_dir(out, fp, stage="train", inputs={"store": store_digest}, rerun=rerun("train", cfg)) as tmp:
+                sae.save(tmp)
+                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                if (ckpt_dir / LOG_FILE).exists():
+                    (tmp / LOG_FILE).write_text((ckpt_dir / LOG_FILE).read_text())
+            print(json.dumps(metrics, indent=2))
+    distributed.barrier()
+    return out
