@@ -33,6 +33,7 @@ def build(out: Path, vocab_size: int = 512, n_layer: int = 4, d_model: int = 64,
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from atlas.demo import stdlib_docstrings
+    from tiny_world import train_briefly
 
     out = Path(out)
     if (out / GGUF_NAME).exists() and (out / "reference" / "model.safetensors").exists():
@@ -55,30 +56,11 @@ def build(out: Path, vocab_size: int = 512, n_layer: int = 4, d_model: int = 64,
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )
     model = LlamaForCausalLM(config)
-    _train_briefly(model, fast, texts)
+    train_briefly(model, fast, texts)
     _write_gguf(out / GGUF_NAME, model, tok)  # also sets the model's weights to the file's values
     model.save_pretrained(out / "reference")
     fast.save_pretrained(out / "reference")
     return out
-
-
-def _train_briefly(model, tokenizer, texts: list[str], steps: int = 60) -> None:
-    """A few steps of language modelling, so the CE-loss score of an SAE on it is meaningful."""
-    import torch
-
-    ids = []
-    for t in texts:
-        ids += [0] + tokenizer(t)["input_ids"]  # documents after <|endoftext|>, as in pretraining
-    data = torch.tensor(ids[: (len(ids) // 64) * 64]).view(-1, 64)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        batch = data[torch.randint(len(data), (16,), generator=gen)]
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
 
 
 def _permute(w, n_head: int):

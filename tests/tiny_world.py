@@ -83,7 +83,7 @@ def build(out: Path, n_docs: int = 400, vocab_size: int = 512, n_layer: int = 4,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
     )
     model = GPT2LMHeadModel(config)
-    _train_briefly(model, fast, texts)
+    train_briefly(model, fast, texts)
     model.save_pretrained(model_dir)
     fast.save_pretrained(model_dir)
     return out
@@ -116,14 +116,15 @@ def build_massive(out: Path, base: Path) -> Path:
     return out
 
 
-def _train_briefly(model, tokenizer, texts: list[str], steps: int = 60) -> None:
+def train_briefly(model, tokenizer, texts: list[str], steps: int = 60) -> None:
     """A few steps of language modelling, so the residual stream has some structure and the
-    CE-loss score of an SAE is meaningful (a random model's loss barely depends on layer 2)."""
+    CE-loss score of an SAE is meaningful (a random model's loss barely depends on layer 2).
+    Documents follow <|endoftext|>, as in pretraining."""
     import torch
 
     ids = []
     for t in texts:
-        ids += [tokenizer.eos_token_id] + tokenizer(t)["input_ids"]
+        ids += [tokenizer.convert_tokens_to_ids("<|endoftext|>")] + tokenizer(t)["input_ids"]
     data = torch.tensor(ids[: (len(ids) // 64) * 64]).view(-1, 64)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)

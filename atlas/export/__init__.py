@@ -48,8 +48,9 @@ from torch import nn
 
 from atlas.errors import AtlasError
 from atlas.export.files import save_model
-from atlas.export.parity import (FALLBACK_TEXTS, check_file, compare, encode_with_bos, frequent_tokens,
-                                 pages_agreement, parity_contexts, run_session, session, torch_outputs)
+from atlas.export.parity import (FALLBACK_TEXTS, PagesReference, check_file, compare, encode_with_bos,
+                                 frequent_tokens, pages_agreement, pages_reference, parity_contexts, run_session,
+                                 session, torch_outputs)
 from atlas.export.quantization import AUTO, QUANTIZATIONS, quantize
 from atlas.export.tracing import MIN_EXPORT_OPSET, Encoded, EncoderGraph, gemm_to_matmul, max_tokens, to_onnx
 from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, require_finite, rerun, sae_digest,
@@ -57,7 +58,7 @@ from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, requ
 
 __all__ = ["run", "export_dir", "write_web_file", "passes", "WEB_BUDGET_BYTES", "AUTO", "QUANTIZATIONS",
            "Encoded", "EncoderGraph", "FALLBACK_TEXTS", "check_file", "compare", "encode_with_bos", "frequent_tokens",
-           "pages_agreement", "parity_contexts", "run_session", "session", "torch_outputs"]
+           "PagesReference", "pages_agreement", "pages_reference", "parity_contexts", "run_session", "session", "torch_outputs"]
 
 WEB_BUDGET_BYTES = 100_000_000
 """The web download a visitor should not exceed (GPT-2 Small to layer 8 + a 24,576-latent SAE fits)."""
@@ -85,22 +86,18 @@ def run(cfg, force: bool = False) -> Path:
                         gguf_file=cfg.model.gguf_file)
     check_layer(cfg.path, cfg.model.layer, loaded)
     with atomic_dir(out, fp, stage="export", inputs=inputs, rerun=rerun("export", cfg)) as tmp:
-        contexts = parity_contexts(cfg, loaded)
-        report = export_dir(tmp, loaded, sae, cfg, fp, contexts, frequent_tokens(cfg))
-        if store.exists():
-            report["web"]["pages_top1_agreement"] = agreement = pages_agreement(tmp / "encoder.web.onnx", store, sae,
-                                                                                len(contexts), cfg.analyze.skip_bos)
-            (tmp / "parity.json").write_text(json.dumps(report, indent=2))
-            print(f"export: the web file's strongest feature is the pages' (the SAE on the stored activations) "
-                  f"on {agreement:.1%} of the held-out tokens")
+        contexts = parity_contexts(cfg, loaded)  # the store's last ones when there is a store
+        pages = pages_reference(store, sae, len(contexts), cfg.analyze.skip_bos) if store.exists() else None
+        export_dir(tmp, loaded, sae, cfg, fp, contexts, frequent_tokens(cfg), pages)
     print(f"export: wrote {out}")
     return out
 
 
 def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[list[int]],
-               frequent: np.ndarray | None = None) -> dict:
+               frequent: np.ndarray | None = None, pages: PagesReference | None = None) -> dict:
     """Write every file of `onnx/` into `out`; return the parity report. `frequent`: token ids by
-    falling corpus frequency (`frequent_tokens`), for the web file's embedding table."""
+    falling corpus frequency (`frequent_tokens`), for the web file's embedding table; `pages`: what
+    the pages show for `contexts`, which every web file is also compared with."""
     out = Path(out)
     ex = cfg.export
     top_k = min(ex.top_k, int(sae.W_enc.shape[1]))
@@ -127,7 +124,7 @@ def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[l
         raise AtlasError(f"{out}/encoder.onnx: full-precision ONNX disagrees with PyTorch (ids match "
                          f"{full['ids_match']:.4f}, max rel err {full['max_rel_err']:.2e}, n_active off by up to "
                          f"{full['n_active_max_err']}); this is a bug in the export, please report it")
-    mode, web_files, report["modes"] = write_web_file(model, out, contexts, reference, ex, frequent)
+    mode, web_files, report["modes"] = write_web_file(model, out, contexts, reference, ex, frequent, pages)
     report["requested"], report["quantization"] = ex.quantization, mode
     report["web"] = report["modes"][mode]
     del model
@@ -166,6 +163,9 @@ def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[l
     print(f"export: full precision matches PyTorch (ids {full['ids_match']:.4f}, rel err {full['max_rel_err']:.1e}); "
           f"web file {mode}: top-1 {report['web']['top1_agreement']:.3f}, overlap {report['web']['topk_overlap']:.3f}, "
           f"download {meta['total_bytes'] / 1e6:.1f} MB")
+    if "pages_top1_agreement" in report["web"]:
+        print(f"export: the web file's strongest feature is the pages' (the SAE on the stored activations) on "
+              f"{report['web']['pages_top1_agreement']:.1%} of the held-out tokens")
     if not report["within_budget"]:
         print(f"export: WARNING: the web download is {meta['total_bytes'] / 1e6:.1f} MB, over the "
               f"{WEB_BUDGET_BYTES / 1e6:.0f} MB budget ({mode}; "
@@ -174,7 +174,7 @@ def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[l
 
 
 def write_web_file(model, out: Path, contexts: list[list[int]], reference: Encoded, ex,
-                   frequent: np.ndarray | None = None) -> tuple[str, list[str], dict]:
+                   frequent: np.ndarray | None = None, pages: PagesReference | None = None) -> tuple[str, list[str], dict]:
     """Write `encoder.web.onnx` in mode `ex.quantization`, or for "auto" in the smallest mode that
     passes the gate. Returns the mode, its files and the parity figures of every mode tried.
 
@@ -187,7 +187,7 @@ def write_web_file(model, out: Path, contexts: list[list[int]], reference: Encod
     for mode in modes[first:]:
         t0 = time.time()
         files = save_model(quantize(model, mode, frequent), out / "encoder.web.onnx")
-        r = tried[mode] = check_file(out / "encoder.web.onnx", contexts, reference)
+        r = tried[mode] = check_file(out / "encoder.web.onnx", contexts, reference, pages)
         r["bytes"] = sum((out / f).stat().st_size for f in files) + tokenizer_bytes
         r["ok"] = passes(r, ex)
         print(f"export: web file {mode}: top-1 {r['top1_agreement']:.3f}, top-k overlap {r['topk_overlap']:.3f}, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,26 +56,46 @@ def parity_contexts(cfg, loaded) -> list[list[int]]:
     return [encode_with_bos(loaded, t, min(cfg.corpus.ctx_len, max_tokens(loaded))) for t in texts]
 
 
-def pages_agreement(web: Path, store_path: Path, sae: nn.Module, n_contexts: int, skip_bos: bool) -> float:
-    """Share of the store's last `n_contexts` contexts' tokens (BOS left out with `skip_bos`, as
-    the pages leave it out) whose strongest latent in the web file is the one the pages show: the
-    SAE's on the stored activations (float16 when the store is), not on a fresh float32 forward."""
+class PagesReference(NamedTuple):
+    """What the pages show for the store's last contexts: the SAE on the stored activations
+    (float16 when the store is), not a fresh float32 forward."""
+
+    contexts: list[list[int]]
+    """The contexts' token ids."""
+    best: np.ndarray
+    """int64 [n_tokens]: each token's strongest latent."""
+    shown: np.ndarray
+    """bool [n_tokens]: tokens a page can show: some latent fires, and not BOS when the pages skip it."""
+
+
+def pages_reference(store_path: Path, sae: nn.Module, n_contexts: int, skip_bos: bool) -> PagesReference:
+    """The pages' strongest latent on each token of the store's last `n_contexts` contexts."""
     import h5py
 
-    sess = session(web)
-    same = total = 0
+    contexts, best, shown = [], [], []
     with h5py.File(store_path, "r") as f, torch.no_grad():
         tokens, L = f["tokens"], int(f.attrs["ctx_len"])
         for c in range(max(0, len(tokens) - n_contexts), len(tokens)):
-            acts = torch.from_numpy(np.asarray(f["acts"][c * L:(c + 1) * L], np.float32))
-            dense = sae.encode(acts)
-            best, fires = dense.argmax(-1).numpy(), (dense > 0).any(-1).numpy()
-            got = run_session(sess, [int(t) for t in tokens[c]])
-            keep = fires.copy()
-            keep[0] &= not skip_bos
-            same += int(((got.top_ids[:, 0] == best) & (got.top_acts[:, 0] > 0))[keep].sum())
-            total += int(keep.sum())
-    return same / max(total, 1)
+            dense = sae.encode(torch.from_numpy(np.asarray(f["acts"][c * L:(c + 1) * L], np.float32)))
+            fires = (dense > 0).any(-1).numpy()
+            fires[0] &= not skip_bos
+            contexts.append([int(t) for t in tokens[c]])
+            best.append(dense.argmax(-1).numpy())
+            shown.append(fires)
+    return PagesReference(contexts, np.concatenate(best), np.concatenate(shown))
+
+
+def pages_top1(pages: PagesReference, got: Encoded) -> float:
+    """Share of the tokens a page can show whose strongest latent in `got` is the pages'."""
+    same = (got.top_ids[:, 0] == pages.best) & (got.top_acts[:, 0] > 0)
+    return float(same[pages.shown].sum() / max(int(pages.shown.sum()), 1))
+
+
+def pages_agreement(web: Path, store_path: Path, sae: nn.Module, n_contexts: int, skip_bos: bool) -> float:
+    """`pages_top1` of the ONNX file `web` on the store's last `n_contexts` contexts."""
+    pages = pages_reference(store_path, sae, n_contexts, skip_bos)
+    sess = session(web)
+    return pages_top1(pages, _concat([run_session(sess, ids) for ids in pages.contexts]))
 
 
 def encode_with_bos(loaded, text: str, max_len: int) -> list[int]:
@@ -106,12 +127,16 @@ def torch_outputs(graph: nn.Module, contexts: list[list[int]]) -> Encoded:
                         for ids in contexts])
 
 
-def check_file(path: Path, contexts: list[list[int]], reference: Encoded) -> dict:
-    """`compare` of the ONNX file at `path`, run by Python onnxruntime, with PyTorch's `reference`."""
+def check_file(path: Path, contexts: list[list[int]], reference: Encoded, pages: PagesReference | None = None) -> dict:
+    """`compare` of the ONNX file at `path`, run by Python onnxruntime, with PyTorch's `reference`;
+    with `pages` (for the same contexts) also `pages_top1_agreement`."""
     sess = session(path)
     t0 = time.time()
-    r = compare(reference, _concat([run_session(sess, ids) for ids in contexts]))
+    got = _concat([run_session(sess, ids) for ids in contexts])
+    r = compare(reference, got)
     r["seconds"] = round(time.time() - t0, 3)
+    if pages is not None:
+        r["pages_top1_agreement"] = pages_top1(pages, got)
     return r
 
 

@@ -74,9 +74,7 @@ def quantize(model, mode: str, frequent: np.ndarray | None = None):
         raise AtlasError(f"export.quantization = {mode!r}: must be {AUTO} or one of {', '.join(QUANTIZATIONS)}")
     q = QUANTIZATIONS[mode]
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    keep = np.zeros(0, np.int64)
-    if q.embedding_bits == 4 and q.frequent_tokens:
-        keep = np.asarray(frequent if frequent is not None else (), np.int64)[:q.frequent_tokens]
+    keep = np.asarray(frequent[:q.frequent_tokens], np.int64) if frequent is not None else None
     _quantize_embedding(model, q.embedding_bits, keep)  # first: its table then no longer feeds a Gather
     inits = {t.name: t for t in model.graph.initializer}
     weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
@@ -192,7 +190,7 @@ def _token_ids_derived(model, name: str) -> bool:
     return False
 
 
-def _quantize_embedding(model, bits: int, frequent: np.ndarray = np.zeros(0, np.int64)) -> int:
+def _quantize_embedding(model, bits: int, frequent: np.ndarray | None = None) -> int:
     """Replace each Gather of a token-embedding table (a 2-D initializer used by that Gather only,
     indexed by the token ids) with com.microsoft GatherBlockQuantized over a `bits`-bit copy
     (float16 scales, so its output is float16 and a Cast follows). Returns the number replaced.
@@ -217,7 +215,9 @@ def _quantize_embedding(model, bits: int, frequent: np.ndarray = np.zeros(0, np.
             continue
         w = numpy_helper.to_array(table)
         model.graph.initializer.remove(table)
-        keep = np.unique(frequent[frequent < len(w)][:len(w) // FREQUENT_SHARE]) if bits == 4 else frequent[:0]
+        keep = np.zeros(0, np.int64)
+        if bits == 4 and frequent is not None:
+            keep = np.unique(frequent[frequent < len(w)][:len(w) // FREQUENT_SHARE])
         out16 = node.output[0] + "_f16"
         if not len(keep):
             nodes += _gather_quantized(model, w, bits, EMBED_BLOCK, table.name + f"_q{bits}", node.input[1], out16)

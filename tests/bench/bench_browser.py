@@ -55,19 +55,16 @@ def gpt2_shaped(out: Path) -> Path:
 
 def export_mode(cfg, loaded, sae, contexts: list[list[int]], frequent, mode: str, out: Path) -> Path:
     """`atlas.export` of the run in `mode`, with the gate off so that every mode is written; for a
-    run with a store, its parity.json gets the agreement with the pages as `atlas export` records it."""
+    run with a store, compared with the pages as `atlas export` compares it."""
     from atlas import export
 
     if (out / "parity.json").exists():
         return out
     cfg.export.quantization, cfg.export.min_top1_agreement, cfg.export.min_topk_overlap = mode, 0.0, 0.0
     out.mkdir(parents=True, exist_ok=True)
-    report = export.export_dir(out, loaded, sae, cfg, f"bench-{out.name}", contexts, frequent)
     store = cfg.run_dir / "activations.h5"
-    if store.exists():
-        report["web"]["pages_top1_agreement"] = export.pages_agreement(
-            out / "encoder.web.onnx", store, sae, len(contexts), cfg.analyze.skip_bos)
-        (out / "parity.json").write_text(json.dumps(report, indent=2))
+    pages = export.pages_reference(store, sae, len(contexts), cfg.analyze.skip_bos) if store.exists() else None
+    export.export_dir(out, loaded, sae, cfg, f"bench-{out.name}", contexts, frequent, pages)
     return out
 
 
