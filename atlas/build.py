@@ -132,7 +132,6 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
         (site / name).parent.mkdir(parents=True, exist_ok=True)
         (site / name).write_text(text, encoding="utf-8")
     facts = pages.SiteFacts(n_features=table.n, labels=_dense_labels(table), vocab=vocab,
-                            has_logits=bool(manifest.get("has_logits", True)),
                             group_size=page_data.group_size(int(manifest["shard_size"])))
     page_data.write_vocab(site, vocab)
     n_shards = len(list(features_dir.glob("features-*.parquet")))

@@ -246,7 +246,6 @@ class SiteFacts:
 
     n_features: int
     labels: list[str]
-    has_logits: bool
     vocab: list[str]
     group_size: int = page_data.GROUP
     """Features per shared data file (page_data.group_size of the shard size)."""

@@ -268,11 +268,15 @@ def test_bytes_per_feature(built_site):
 
 
 def test_logits_omitted_without_unembedding(tmp_path, monkeypatch):
+    """Without an output embedding the data files carry no logit ids, so js/feature.js draws no logit tables."""
+    from atlas import page_data
+
     synthetic_shards.write(tmp_path / "runs" / "nologits", 20, shard_size=16, n_vocab=100, has_logits=False)
     monkeypatch.chdir(tmp_path)
     site = build.run(RunConfig(path="nologits.yaml"))
-    page = (site / "features" / "1" / "index.html").read_text(encoding="utf-8")
-    assert "Logit effects" not in page and "Promoted" not in page
+    rows = page_data.read_group(site, 0)["features"] + page_data.read_group(site, 1)["features"]
+    assert len(rows) == 20 and not any(r["top_logit_ids"] or r["bottom_logit_ids"] for r in rows)
+    assert "if (!f.top_logit_ids || !f.top_logit_ids.length) return;" in (site / "js" / "feature.js").read_text()
 
 
 def test_group_and_dominated_by_shown_when_present(tmp_path, monkeypatch):
