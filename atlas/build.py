@@ -425,6 +425,9 @@ def copy_onnx(onnx_dir: Path, site: Path) -> None:
     dest.mkdir(exist_ok=True)
     for name in ["model.json", *files]:
         shutil.copy2(onnx_dir / name, dest / Path(name).name)
+    if (onnx_dir / "steering.json").exists():  # the steer box's file (export.steering)
+        for name in ["steering.json", *json.loads((onnx_dir / "steering.json").read_text())["files"]]:
+            shutil.copy2(onnx_dir / name, dest / Path(name).name)
 
 
 def check_sizes(site: Path) -> None:

@@ -171,6 +171,10 @@ class ExportConfig:
     """The gate: share of tokens whose strongest latent in the web file is PyTorch's..."""
     min_topk_overlap: float = 0.95
     """...and mean share of PyTorch's active top-k latents the web file also has in its top k."""
+    steering: bool = False
+    """Also export the steering web file (the whole model with a KV cache, atlas/export/steering.py)."""
+    min_steer_agreement: float = 0.95
+    """Its gate: share of greedy tokens (20 per held-out prompt) equal to PyTorch's."""
 
 
 @dataclass
@@ -459,3 +463,4 @@ def _validate(path: Path, cfg: RunConfig) -> None:
          f"must be one of {', '.join(WEB_QUANTIZATIONS)}")
     need(0 <= cfg.export.min_top1_agreement <= 1, "export.min_top1_agreement", "must be in [0, 1]")
     need(0 <= cfg.export.min_topk_overlap <= 1, "export.min_topk_overlap", "must be in [0, 1]")
+    need(0 <= cfg.export.min_steer_agreement <= 1, "export.min_steer_agreement", "must be in [0, 1]")

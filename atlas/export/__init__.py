@@ -51,6 +51,7 @@ from atlas.export.files import save_model
 from atlas.export.parity import (FALLBACK_TEXTS, PagesReference, check_file, compare, encode_with_bos,
                                  frequent_tokens, pages_agreement, pages_reference, parity_contexts, run_session,
                                  session, torch_outputs)
+from atlas.export.steering import export_steering
 from atlas.export.quantization import AUTO, QUANTIZATIONS, quantize
 from atlas.export.tracing import MIN_EXPORT_OPSET, Encoded, EncoderGraph, gemm_to_matmul, max_tokens, to_onnx
 from atlas.stage import input_digest, open_stage, require_finite, rerun, sae_digest, source_digest
@@ -158,6 +159,9 @@ def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[l
     meta["budget_bytes"] = WEB_BUDGET_BYTES
     (out / "model.json").write_text(json.dumps(meta, indent=2))
 
+    if ex.steering:
+        report["steering"] = export_steering(out, loaded, sae, cfg, contexts, max_len, max(ex.opset, MIN_EXPORT_OPSET),
+                                             frequent)["gate"]
     report["total_bytes"] = report["web_bytes"] = meta["total_bytes"]
     report["budget_bytes"] = WEB_BUDGET_BYTES
     report["within_budget"] = meta["total_bytes"] <= WEB_BUDGET_BYTES
