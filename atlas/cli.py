@@ -27,12 +27,17 @@ STAGES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atlas", description="Train SAEs and publish their features as a static atlas.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in [*STAGES, "all", "import-sae"]:
+    for name in [*STAGES, "all", "import-sae", "steer"]:
         helps = {"all": "run every stage in order",
-                 "import-sae": "publish an SAE trained elsewhere (SAELens format), then analyze, export, build"}
+                 "import-sae": "publish an SAE trained elsewhere (SAELens format), then analyze, export, build",
+                 "steer": "continue a prompt with a feature added to the residual stream, beside the unsteered text"}
         p = sub.add_parser(name, help=helps.get(name, f"run the {name} stage"))
         if name == "import-sae":
             p.add_argument("path", help="folder with cfg.json + sae_weights.safetensors")
+        if name == "steer":
+            from atlas import steer
+
+            steer.add_arguments(p)
         p.add_argument("--config", required=True, help="run config, e.g. configs/gpt2-small.yaml")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (repeatable)")
@@ -45,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command == "steer":  # reads the run, writes nothing: no lock
+            steer.run(cfg, args)
+            return 0
         distributed.init()
         with run_lock(cfg.run_dir, args.command):
             if args.command == "import-sae":

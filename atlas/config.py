@@ -22,7 +22,7 @@ import yaml
 
 from atlas.errors import ConfigError
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 WEB_QUANTIZATIONS = ("auto", "w8-emb4", "w8")
 """export.quantization values: atlas.export.QUANTIZATIONS plus "auto" (kept equal by a test)."""
 
@@ -64,7 +64,7 @@ class SAEConfig:
     architecture: str = "topk"
     d_sae: int = 24576
     k: int = 32
-    """Active latents per token (topk, batchtopk)."""
+    """Active latents per token (topk, batchtopk, matryoshka: on average over the batch)."""
     aux_k: int = 512
     """Latents in the AuxK loss for dead latents (topk, batchtopk)."""
     aux_k_coefficient: float = 1 / 32
@@ -79,6 +79,11 @@ class SAEConfig:
     """Sparsity penalty (relu): lambda * sum_i f_i * ||W_dec_i||."""
     resample_dead: bool = False
     """relu only: re-initialise dead latents on high-loss inputs, as the original work did."""
+    matryoshka_groups: list[float] = field(default_factory=list)
+    """matryoshka only: the nested prefixes' widths, increasing, each trained to reconstruct on its
+    own -- latent counts (e.g. [768, 3072, 24576]) or fractions of d_sae (e.g. [0.0625, 0.25, 1]);
+    d_sae is added as the last when missing. Empty: fractions 1/64, 1/16, 1/4, 1. The saved
+    cfg.json records the widths used."""
     b_dec_init: str = "geometric_median"
     """"geometric_median", "mean" or "zeros"."""
 
@@ -273,6 +278,10 @@ def _build(path: Path, section: str, cls, values: dict):
 def _coerce(path: Path, key: str, typ, value):
     if isinstance(typ, types.UnionType):
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typing.get_origin(typ) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(path, key, typing.get_args(typ)[0], v) for v in value]
     if typ in (int, float) and isinstance(value, str):
         try:  # PyYAML reads 1e6 (no dot) as a string
             value = float(value.replace("_", ""))
@@ -289,6 +298,16 @@ def _coerce(path: Path, key: str, typ, value):
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise ConfigError(f"{path}: '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _matryoshka_groups_ok(sae: SAEConfig) -> bool:
+    groups = sae.matryoshka_groups
+    if not groups:
+        return True
+    increasing = all(a < b for a, b in zip(groups, groups[1:]))
+    fractions = groups[0] > 0 and groups[-1] <= 1
+    widths = groups[0] >= 1 and groups[-1] <= sae.d_sae and all(float(g).is_integer() for g in groups)
+    return sae.architecture == "matryoshka" and increasing and (fractions or widths)
 
 
 def _validate(path: Path, cfg: RunConfig) -> None:
@@ -314,6 +333,8 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(0 <= cfg.sae.aux_k <= cfg.sae.d_sae, "sae.aux_k", "must be between 0 and d_sae")
     for key in ("lr_scale_w_dec", "lr_scale_b_enc", "lr_scale_b_dec"):
         need(getattr(cfg.sae, key) is None or getattr(cfg.sae, key) > 0, f"sae.{key}", "must be > 0")
+    need(_matryoshka_groups_ok(cfg.sae), "sae.matryoshka_groups",
+         "for sae.architecture matryoshka only: increasing widths up to d_sae, or fractions in (0, 1]")
     need(cfg.sae.l1_coefficient >= 0, "sae.l1_coefficient", "must be >= 0")
     need(cfg.sae.b_dec_init in ("geometric_median", "mean", "zeros"), "sae.b_dec_init",
          "must be geometric_median, mean or zeros")

@@ -86,7 +86,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             labelling = label_data.prepare(store, sparse_encoder(sae), w_dec.shape[0], a, vocab, device,
                                            cfg.run_dir / "llm-cache")
             with atomic_dir(out, fp, stage="analyze", inputs=inputs, rerun=rerun("analyze", cfg)) as tmp:
-                manifest = write_features(tmp, stream, w_dec, w_u, vocab, a, store.tokens, device, labelling)
+                manifest = write_features(tmp, stream, w_dec, w_u, vocab, a, store.tokens, device, labelling,
+                                          sae.latent_groups())
                 manifest.update(run_metadata(cfg, store, sae_dir, w_u is not None))
                 if world > 1:
                     manifest["processes"] = world
