@@ -63,7 +63,9 @@ from atlas.export.parity import (FALLBACK_TEXTS, PagesReference, check_split, co
 from atlas.export.quantization import AUTO, QUANTIZATIONS, quantize
 from atlas.export.tracing import (MIN_EXPORT_OPSET, RESIDUAL_INPUT, Encoded, EncoderGraph, encoder_onnx, max_tokens,
                                   residual_name, trunk_onnx)
-from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, require_finite, rerun, source_digest)
+from atlas.stage import input_digest, open_stage, require_finite, rerun, sae_digest, source_digest
+from atlas.store import acts_key
+from atlas.suite import configs, members
 
 __all__ = ["run", "export_dir", "write_web_files", "passes", "SaeToExport", "WEB_BUDGET_BYTES", "AUTO", "QUANTIZATIONS",
            "TRUNK", "encoder_name", "Encoded", "EncoderGraph", "FALLBACK_TEXTS", "check_split", "compare",
@@ -94,52 +96,38 @@ class SaeToExport(NamedTuple):
     architecture: str
 
 
-class _Member(NamedTuple):
-    """Stand-in for `atlas.suite.Member` until the suite lands: the fields the export reads."""
-
-    id: str
-    layer: int
-    hook_name: str
-    dir: Path
-
-
-def _members(cfg) -> list[_Member]:
-    """The run's SAEs: today's single SAE, a suite of one whose folder is the run folder."""
-    return [_Member(f"L{cfg.model.layer}", cfg.model.layer, cfg.hook_name, cfg.run_dir)]
-
-
 def run(cfg, force: bool = False) -> Path:
-    """Export `runs/X/onnx/` from the run's model and every SAE's `sae/`; skipped when already current."""
+    """Export `runs/X/onnx/` from the run's model and every SAE of the run (`atlas.suite.members`):
+    one trunk to the deepest hook, one encoder per SAE; skipped when already current."""
     from atlas.saes import load_sae
-    from atlas.saes.base import CFG_FILE, WEIGHTS_FILE
 
-    out = cfg.run_dir / "onnx"
-    members, store = _members(cfg), cfg.run_dir / "activations.h5"
-    inputs = {f"sae:{m.id}": input_digest(m.dir / "sae", "train", cfg, only=(CFG_FILE, WEIGHTS_FILE)) for m in members}
+    ids, views = [m.id for m in members(cfg)], configs(cfg)  # a view per SAE: its layer, hook and sae/ folder
+    out, store = cfg.onnx_dir, cfg.store_path
+    # a run of one SAE records its digest under "sae", as every stage does (build checks it)
+    inputs = {("sae" if len(views) == 1 else f"sae:{i}"): sae_digest(v) for i, v in zip(ids, views)}
     inputs |= {"model": source_digest(cfg.model.name),
                # the parity report's contexts: the store's held-out ones, else corpus texts
                "parity": input_digest(store, "collect", cfg) if store.exists() else source_digest(cfg.corpus.dataset)}
-    fp = fingerprint(cfg.section_hash("export", "model"), *inputs.values())
-    if not force and is_current(out, fp):
-        print(f"export: {out} is up to date")
+    opening = open_stage("export", cfg, out, ("export", "model"), inputs, force)
+    if opening.current:
         return out
     saes = []
-    for m in members:
-        sae = load_sae(m.dir / "sae").float().eval().requires_grad_(False)
-        require_finite(sae.state_dict(), m.dir / "sae" / "sae_weights.safetensors",
-                       f"run `{rerun('train', cfg)} --force` to retrain it, or import a finite SAE")
-        saes.append(SaeToExport(m.id, m.layer, m.hook_name, sae, cfg.sae.architecture))
+    for sae_id, v in zip(ids, views):
+        sae = load_sae(v.sae_dir).float().eval().requires_grad_(False)
+        require_finite(sae.state_dict(), v.sae_dir / "sae_weights.safetensors",
+                       f"run `{rerun('train', v)} --force` to retrain it, or import a finite SAE")
+        saes.append(SaeToExport(sae_id, v.model.layer, v.hook_name, sae, v.sae.architecture))
     from atlas.model import check_layer, load_model
 
     loaded = load_model(cfg.model.name, cfg.model.revision, device="cpu", dtype="float32",
                         gguf_file=cfg.model.gguf_file)
-    for m in members:
-        check_layer(cfg.path, m.layer, loaded)
-    with atomic_dir(out, fp, stage="export", inputs=inputs, rerun=rerun("export", cfg)) as tmp:
+    for s in saes:
+        check_layer(cfg.path, s.layer, loaded)
+    with opening.write() as tmp:
         contexts = parity_contexts(cfg, loaded)  # the store's last ones when there is a store
-        pages = ({s.id: pages_reference(store, s.sae, len(contexts), cfg.analyze.skip_bos) for s in saes}
-                 if store.exists() else None)
-        export_dir(tmp, loaded, saes, cfg, fp, contexts, frequent_tokens(cfg), pages)
+        pages = ({s.id: pages_reference(store, s.sae, len(contexts), cfg.analyze.skip_bos, acts_key(cfg.layers, s.layer))
+                  for s in saes} if store.exists() else None)
+        export_dir(tmp, loaded, saes, cfg, opening.fp, contexts, frequent_tokens(cfg), pages)
     print(f"export: wrote {out}")
     return out
 
