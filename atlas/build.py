@@ -33,8 +33,8 @@ from markupsafe import Markup
 from atlas import pages, search_index, shards
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
-from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, read_stamp, rerun, sae_digest,
-                         sha256_file)
+from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, read_stamp, remove_leftovers, rerun,
+                         sae_digest, sha256_file)
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_SRC = ROOT / "site_src"
@@ -43,24 +43,31 @@ MAX_FILE_BYTES = 95 * 1024 * 1024
 NOTABLE_MARK = "@@ATLAS_NOTABLE@@"
 
 
-def run(cfg: RunConfig, force: bool = False) -> Path:
-    """Build runs/<name>/site from the run's features (skipped when already current)."""
+def run(cfg: RunConfig, force: bool = False, analyser: bool = True) -> Path:
+    """Build runs/<name>/site from the run's features (skipped when already current).
+
+    With `analyser` the export's files are required (a site whose prompt analyser silently went
+    missing is not published); without it the site is built without them (`--no-analyser`)."""
     run_dir = cfg.run_dir
     features_dir, onnx_dir, out = run_dir / "features", run_dir / "onnx", run_dir / "site"
     metrics = run_dir / "sae" / "metrics.jsonl"
+    if analyser and not onnx_dir.exists():
+        raise AtlasError(f"{onnx_dir}: missing: the prompt analyser needs the export's files; run "
+                         f"`{rerun('export', cfg)}` first, or build without the analyser (--no-analyser)")
     inputs = {"features": input_digest(features_dir, "analyze", cfg),
-              "onnx": input_digest(onnx_dir, "export", cfg) if onnx_dir.exists() else "none",
+              "onnx": input_digest(onnx_dir, "export", cfg) if analyser else "none",
               "metrics": sha256_file(metrics) if metrics.exists() else "none", "source": _source_hash()}
-    _require_same_sae(cfg, [(features_dir, "analyze"), (onnx_dir, "export")])
+    _require_same_sae(cfg, [(features_dir, "analyze")] + ([(onnx_dir, "export")] if analyser else []))
     fp = fingerprint(cfg.section_hash("build"), *inputs.values())
     if not force and is_current(out, fp):
         print(f"build: {out} is up to date")
+        remove_leftovers(out)
         return out
     manifest = shards.read_manifest(features_dir)
     _require_finite_features(features_dir, cfg)
     with atomic_dir(out, fp, stage="build", inputs=inputs, rerun=rerun("build", cfg)) as tmp:
         build_site(cfg, manifest, features_dir, tmp, metrics_path=metrics,
-                   onnx_dir=onnx_dir if onnx_dir.exists() else None)
+                   onnx_dir=onnx_dir if analyser else None)
         n_pages = sum(1 for _ in (tmp / "features").glob("*/index.html"))
         if n_pages != manifest["n_features"]:
             raise AtlasError(f"{features_dir / 'manifest.json'}: {manifest['n_features']:,} features, but the shards "
@@ -205,7 +212,9 @@ def add_csp(site: Path) -> None:
 
 def home_view(cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, metrics: list[dict]) -> dict:
     sae = manifest.get("sae_cfg") or {}
-    arch = sae.get("metadata", {}).get("training_architecture") or sae.get("architecture", cfg.sae.architecture)
+    # the SAE's own cfg.json (recorded by analyze), never the run config's sae section: after
+    # import-sae the two differ
+    arch = (sae.get("metadata") or {}).get("training_architecture") or sae.get("architecture") or "–"
     glance = [
         ("Model", cfg.build.model_name or manifest.get("model", cfg.model.name)),
         ("Layer", f"{manifest.get('layer', cfg.model.layer)} ({manifest.get('hook_name', cfg.hook_name)})"),
@@ -217,8 +226,17 @@ def home_view(cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, 
     values = manifest.get("metrics") or {}
     metric_rows = [(name, pages.fmt_num(float(values[k])), METRIC_HELP.get(k, ""))
                    for k, name in METRIC_NAMES.items() if isinstance(values.get(k), (int, float))]
-    return {"title": cfg.build.title, "glance": glance, "metrics": metric_rows, "curves": curves(metrics),
+    return {"title": markdown_text(cfg.build.title), "glance": glance, "metrics": metric_rows, "curves": curves(metrics),
             "scores": score_distribution(table, manifest)}
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown literally where Markdown is rendered: its link, emphasis and attribute syntax
+    ([x](javascript:…), {: onclick=…}) escaped. The template's HTML escaping still applies."""
+    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in " ".join(text.split()))
+
+
+MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|$")
 
 
 def score_distribution(table: search_index.FeatureTable, manifest: dict, bins: int = 10, width: int = 320,

@@ -262,7 +262,7 @@ def _known(x) -> bool:
 
 
 def score_view(precision, recall, f1, matched: int, fired: int, scoring: str, is_dead: bool) -> dict | None:
-    """A label's held-out score (atlas/label_scores.py) in plain words; None for a dead feature."""
+    """A label's held-out score (atlas/labels/scores.py) in plain words; None for a dead feature."""
     if is_dead:
         return None
     if not _known(f1):
@@ -286,7 +286,7 @@ def score_view(precision, recall, f1, matched: int, fired: int, scoring: str, is
 
 def rule_text(rule_json: str, vocab: list[str], label: str) -> str:
     """The whole rule when the label had to shorten it ("+N more"); else ""."""
-    from atlas.label_rules import Rule
+    from atlas.labels.rules import Rule
 
     rule = Rule.from_json(rule_json) if rule_json else None
     if rule is None:

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 
 from browser import check_heatmap, close, ort_reference, serve
-from test_export import export_tiny
+from support import export_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; worker-src 'self'; "

@@ -15,24 +15,8 @@ import synthetic_shards
 from atlas import build, search_index
 from atlas.config import RunConfig
 from atlas.stage import read_stamp
+from support import BUILT_FEATURES as N_FEATURES, built_site  # noqa: F401  (a fixture)
 
-N_FEATURES = 150
-
-
-@pytest.fixture(scope="session")
-def built_site(tmp_path_factory) -> Path:
-    """runs/synth/site built from a synthetic run (hostile tokens and labels included)."""
-    import os
-
-    work = tmp_path_factory.mktemp("build")
-    synthetic_shards.write(work / "runs" / "synth", N_FEATURES, shard_size=64, n_vocab=300)
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        site = build.run(RunConfig(path="synth.yaml"))
-    finally:
-        os.chdir(cwd)
-    return work / site
 
 
 class _Refs(HTMLParser):
@@ -160,7 +144,7 @@ def test_feature_pages_have_lean_chrome(built_site):
 def test_logits_omitted_without_unembedding(tmp_path, monkeypatch):
     synthetic_shards.write(tmp_path / "runs" / "nologits", 20, shard_size=16, n_vocab=100, has_logits=False)
     monkeypatch.chdir(tmp_path)
-    site = build.run(RunConfig(path="nologits.yaml"))
+    site = build.run(RunConfig(path="nologits.yaml"), analyser=False)
     page = (site / "features" / "1" / "index.html").read_text(encoding="utf-8")
     assert "Logit effects" not in page and "Promoted" not in page
 
@@ -186,7 +170,7 @@ def test_sizes_and_skip(built_site, capsys, monkeypatch):
     assert raw[len(raw) // 2] <= 16_500
     monkeypatch.chdir(built_site.parent.parent.parent)
     before = read_stamp(built_site)["created"]
-    build.run(RunConfig(path="synth.yaml"))
+    build.run(RunConfig(path="synth.yaml"), analyser=False)
     assert "is up to date" in capsys.readouterr().out
     assert read_stamp(built_site)["created"] == before
 
@@ -196,4 +180,4 @@ def test_missing_features_is_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(AtlasError, match="features"):
-        build.run(RunConfig(path="nothing.yaml"))
+        build.run(RunConfig(path="nothing.yaml"), analyser=False)

@@ -18,63 +18,12 @@ from atlas.export.quantization import (EMBED_BLOCK, RARE_EMBED_BLOCK, _quantize_
 from atlas.config import WEB_QUANTIZATIONS, RunConfig
 from atlas.errors import AtlasError
 from atlas.model import load_model
+from support import D_SAE, LAYER, corpus_frequency, export_tiny, make_sae, tiny_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYER, D_SAE = 2, 256
 TRICKY = ["Hello world", " leading space", "  two spaces", "new\nline", "\n\ntwo newlines\n", "tab\there",
           "café naïve résumé", "日本語のテキスト", "emoji 🙂👍🏽 and flags 🇫🇷", "<|endoftext|>", "a<|endoftext|>b",
           "<script>alert(1)</script>", "numbers 12345 3.14", "don't won't it's", "", " "]
-
-
-class StandInSAE(nn.Module):
-    """A ReLU SAE encoder with fixed random weights, the shape `atlas.saes` SAEs have."""
-
-    def __init__(self, d_in: int, d_sae: int, seed: int = 0, b_dec: torch.Tensor | None = None):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.W_enc = nn.Parameter(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-        self.b_enc = nn.Parameter(torch.randn(d_sae, generator=g) * 0.1)
-        self.W_dec = nn.Parameter(self.W_enc.data.T.clone())
-        self.b_dec = nn.Parameter(torch.zeros(d_in) if b_dec is None else b_dec.clone())
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def encode_top(self, x: torch.Tensor, k: int):
-        from atlas.saes.base import top_of_dense
-
-        return top_of_dense(self.encode(x), k)
-
-
-def make_sae(d_in: int, d_sae: int = D_SAE, b_dec: torch.Tensor | None = None) -> nn.Module:
-    return StandInSAE(d_in, d_sae, b_dec=b_dec).eval().requires_grad_(False)
-
-
-def tiny_cfg(world: Path, quantization: str = "auto", min_top1: float = 0.97, min_overlap: float = 0.95) -> RunConfig:
-    cfg = RunConfig()
-    cfg.model.name, cfg.model.layer = str(world / "model"), LAYER
-    cfg.corpus.dataset = str(world / "corpus.jsonl")
-    cfg.export.quantization = quantization
-    cfg.export.min_top1_agreement, cfg.export.min_topk_overlap = min_top1, min_overlap
-    return cfg
-
-
-def export_tiny(world: Path, out: Path, quantization: str = "auto", min_top1: float = 0.97,
-                min_overlap: float = 0.95, sae: nn.Module | None = None) -> Path:
-    """Export the tiny world's model (layer 2) plus a stand-in SAE into `out`; returns `out`."""
-    cfg = tiny_cfg(world, quantization, min_top1, min_overlap)
-    loaded = load_model(cfg.model.name)
-    out.mkdir(parents=True, exist_ok=True)
-    export.export_dir(out, loaded, sae or make_sae(loaded.d_model), cfg, "test", export.parity_contexts(cfg, loaded),
-                      corpus_frequency(world, loaded))
-    return out
-
-
-def corpus_frequency(world: Path, loaded) -> np.ndarray:
-    """Token ids by falling frequency in the world's corpus: what a run's store gives `frequent_tokens`."""
-    texts = [json.loads(line)["text"] for line in (world / "corpus.jsonl").read_text().splitlines()]
-    counts = np.bincount(np.concatenate([loaded.tokenizer(t)["input_ids"] for t in texts]))
-    return np.argsort(-counts, kind="stable")[:int((counts > 0).sum())]
 
 
 @pytest.fixture(scope="module")

@@ -46,15 +46,15 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, ConfigError
 from atlas.export.files import save_model
 from atlas.export.parity import (FALLBACK_TEXTS, PagesReference, check_file, compare, encode_with_bos,
                                  frequent_tokens, pages_agreement, pages_reference, parity_contexts, run_session,
                                  session, torch_outputs)
 from atlas.export.quantization import AUTO, QUANTIZATIONS, quantize
 from atlas.export.tracing import MIN_EXPORT_OPSET, Encoded, EncoderGraph, gemm_to_matmul, max_tokens, to_onnx
-from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, require_finite, rerun, sae_digest,
-                         source_digest)
+from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, remove_leftovers, require_finite, rerun,
+                         sae_digest, source_digest)
 
 __all__ = ["run", "export_dir", "write_web_file", "passes", "WEB_BUDGET_BYTES", "AUTO", "QUANTIZATIONS",
            "Encoded", "EncoderGraph", "FALLBACK_TEXTS", "check_file", "compare", "encode_with_bos", "frequent_tokens",
@@ -76,10 +76,14 @@ def run(cfg, force: bool = False) -> Path:
     fp = fingerprint(cfg.section_hash("export", "model"), *inputs.values())
     if not force and is_current(out, fp):
         print(f"export: {out} is up to date")
+        remove_leftovers(out)
         return out
     sae = load_sae(sae_dir).float().eval().requires_grad_(False)
     require_finite(sae.state_dict(), sae_dir / "sae_weights.safetensors",
                    f"run `{rerun('train', cfg)} --force` to retrain it, or import a finite SAE")
+    if cfg.export.top_k > sae.d_sae:  # the SAE's own width: after import-sae it may not be the config's
+        raise ConfigError(f"{cfg.path}: 'export.top_k' = {cfg.export.top_k}: the SAE in {sae_dir} has "
+                          f"{sae.d_sae:,} latents; set export.top_k to at most {sae.d_sae:,}")
     from atlas.model import check_layer, load_model
 
     loaded = load_model(cfg.model.name, cfg.model.revision, device="cpu", dtype="float32",
@@ -138,7 +142,7 @@ def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[l
         "hook": cfg.hook_name,
         "d_model": loaded.d_model,
         "d_sae": int(sae.W_enc.shape[1]),
-        "architecture": cfg.sae.architecture,
+        "architecture": sae.architecture,
         "top_k": top_k,
         "max_tokens": max_len,
         "bos_token_id": loaded.bos_token_id,
