@@ -19,13 +19,17 @@ import time
 import traceback
 from pathlib import Path
 
+from atlas import suite
 from atlas.errors import AtlasError
+from atlas.stage import PER_SAE_STAGES
 
-# Pipeline order; each module exposes run(cfg, force) -> Path.
+# Pipeline order; each module exposes run(cfg, force) -> Path. The stages in PER_SAE_STAGES run
+# once per SAE of a suite (atlas/suite.py), with the member's view of the config.
 STAGES = {
     "collect": "atlas.collect",
     "train": "atlas.train",
     "analyze": "atlas.analyze",
+    "links": "atlas.links",
     "export": "atlas.export",
     "build": "atlas.build",
 }
@@ -34,12 +38,20 @@ STAGES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atlas", description="Train SAEs and publish their features as a static atlas.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in [*STAGES, "all", "import-sae"]:
+    for name in [*STAGES, "all", "import-sae", "steer"]:
         helps = {"all": "run every stage in order",
-                 "import-sae": "publish an SAE trained elsewhere (SAELens format), then analyze, export, build"}
+                 "import-sae": "publish an SAE trained elsewhere (SAELens format), then analyze, export, build",
+                 "steer": "continue a prompt with a feature added to the residual stream, beside the unsteered text"}
         p = sub.add_parser(name, help=helps.get(name, f"run the {name} stage"))
         if name == "import-sae":
-            p.add_argument("path", help="folder with cfg.json + sae_weights.safetensors")
+            p.add_argument("path", help="folder with cfg.json + sae_weights.safetensors, or a folder of such "
+                                        "folders (one per hook/width of a suite)")
+        if name == "steer":
+            from atlas import steer
+
+            steer.add_arguments(p)
+        if name in (*PER_SAE_STAGES, "all", "steer"):
+            p.add_argument("--sae", metavar="ID", help="only this SAE of a suite, e.g. L8 or L8-24576")
         p.add_argument("--config", required=True, help="run config, e.g. configs/gpt2-small.yaml")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (repeatable)")
@@ -65,19 +77,30 @@ def _run(args: argparse.Namespace) -> int:
     cfg, stage, finished = None, args.command, []
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command == "steer":  # reads the run, writes nothing: no lock
+            from atlas import steer
+
+            views = suite.configs(cfg, args.sae)
+            if len(views) > 1:
+                raise AtlasError(f"{cfg.path} holds several SAEs; say which to steer with: --sae "
+                                 f"{' | '.join(v.member for v in views)}")
+            steer.run(views[0], args)
+            return 0
         distributed.init()
         with run_lock(cfg.run_dir, args.command):
             if args.command == "import-sae":
                 from atlas import import_sae
 
                 stage = "import-sae"
-                import_sae.run(cfg, args.path, force=args.force)
-            for name in {"all": list(STAGES), "import-sae": ["analyze", "export", "build"]}.get(args.command,
+                import_sae.run(cfg, args.path, force=args.force, only=args.sae)
+            for name in {"all": list(STAGES), "import-sae": ["analyze", "links", "export", "build"]}.get(args.command,
                                                                                               [args.command]):
                 stage = name
                 t0 = time.perf_counter()
+                module = importlib.import_module(STAGES[name])
                 kw = {"analyser": args.analyser} if name == "build" else {}
-                importlib.import_module(STAGES[name]).run(cfg, force=args.force, **kw)
+                for view in (suite.configs(cfg, getattr(args, "sae", None)) if name in PER_SAE_STAGES else [cfg]):
+                    module.run(view, force=args.force, **kw)
                 finished.append(name)
                 if distributed.rank_and_world()[0] == 0:
                     print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -4,7 +4,7 @@
   `interrupting`: a generator that raises KeyboardInterrupt part way; `train_data`, `TRAIN_SAE`,
   `TRAIN_CFG`: the training tests' setup; `export_tiny` (with `make_sae`, `tiny_cfg`,
   `corpus_frequency`): the tiny world exported with a stand-in SAE; `built_site`: a fixture, the
-  synthetic run's site.
+  synthetic run's site; `same_values`: equality of page data with NaN and a tolerance.
 
 - `raw_http_server`: a socket server whose every answer is written by hand, to play an endpoint
   that breaks HTTP (a trickled body, a short one, a garbage status line, invalid UTF-8).
@@ -154,6 +154,18 @@ def corpus_frequency(world: Path, loaded) -> np.ndarray:
     texts = [json.loads(line)["text"] for line in (world / "corpus.jsonl").read_text().splitlines()]
     counts = np.bincount(np.concatenate([loaded.tokenizer(t)["input_ids"] for t in texts]))
     return np.argsort(-counts, kind="stable")[:int((counts > 0).sum())]
+
+
+def same_values(a, b, rel=0.0) -> bool:
+    """Equal, with NaN equal to NaN or None (a null float), and floats within `rel`."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_values(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k], rel) for k in a)
+    nan = lambda x: x is None or (isinstance(x, float) and x != x)  # noqa: E731
+    if isinstance(a, float) or isinstance(b, float):
+        return (nan(a) and nan(b)) or (not nan(a) and not nan(b) and abs(a - b) <= rel * abs(b))
+    return a == b
 
 
 # ---- a built site ----------------------------------------------------------------------------------

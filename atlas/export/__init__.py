@@ -51,10 +51,11 @@ from atlas.export.files import save_model
 from atlas.export.parity import (FALLBACK_TEXTS, PagesReference, check_file, compare, encode_with_bos,
                                  frequent_tokens, pages_agreement, pages_reference, parity_contexts, run_session,
                                  session, torch_outputs)
+from atlas.export.steering import export_steering
 from atlas.export.quantization import AUTO, QUANTIZATIONS, quantize
 from atlas.export.tracing import MIN_EXPORT_OPSET, Encoded, EncoderGraph, gemm_to_matmul, max_tokens, to_onnx
-from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, remove_leftovers, require_finite, rerun,
-                         sae_digest, source_digest)
+from atlas.stage import input_digest, open_stage, require_finite, rerun, sae_digest, source_digest
+from atlas.suite import is_suite
 
 __all__ = ["run", "export_dir", "write_web_file", "passes", "WEB_BUDGET_BYTES", "AUTO", "QUANTIZATIONS",
            "Encoded", "EncoderGraph", "FALLBACK_TEXTS", "check_file", "compare", "encode_with_bos", "frequent_tokens",
@@ -66,18 +67,19 @@ WEB_BUDGET_BYTES = 100_000_000
 
 def run(cfg, force: bool = False) -> Path:
     """Export `runs/X/onnx/` from the run's model and `sae/`; skipped when already current."""
+    if is_suite(cfg):
+        raise AtlasError(f"{cfg.path}: `atlas export` of a suite of several SAEs is not supported yet; "
+                         f"its SAEs are trained and analysed under {cfg.run_dir / 'saes'}")
     from atlas.saes import load_sae
 
-    out = cfg.run_dir / "onnx"
-    sae_dir, store = cfg.run_dir / "sae", cfg.run_dir / "activations.h5"
+    out, sae_dir, store = cfg.onnx_dir, cfg.sae_dir, cfg.store_path
     inputs = {"sae": sae_digest(cfg), "model": source_digest(cfg.model.name),
               # the parity report's contexts: the store's held-out ones, else corpus texts
               "parity": input_digest(store, "collect", cfg) if store.exists() else source_digest(cfg.corpus.dataset)}
-    fp = fingerprint(cfg.section_hash("export", "model"), *inputs.values())
-    if not force and is_current(out, fp):
-        print(f"export: {out} is up to date")
-        remove_leftovers(out)
+    opening = open_stage("export", cfg, out, ("export", "model"), inputs, force)
+    if opening.current:
         return out
+    fp = opening.fp
     sae = load_sae(sae_dir).float().eval().requires_grad_(False)
     require_finite(sae.state_dict(), sae_dir / "sae_weights.safetensors",
                    f"run `{rerun('train', cfg)} --force` to retrain it, or import a finite SAE")
@@ -89,7 +91,7 @@ def run(cfg, force: bool = False) -> Path:
     loaded = load_model(cfg.model.name, cfg.model.revision, device="cpu", dtype="float32",
                         gguf_file=cfg.model.gguf_file)
     check_layer(cfg.path, cfg.model.layer, loaded)
-    with atomic_dir(out, fp, stage="export", inputs=inputs, rerun=rerun("export", cfg)) as tmp:
+    with opening.write() as tmp:
         contexts = parity_contexts(cfg, loaded)  # the store's last ones when there is a store
         pages = pages_reference(store, sae, len(contexts), cfg.analyze.skip_bos) if store.exists() else None
         export_dir(tmp, loaded, sae, cfg, fp, contexts, frequent_tokens(cfg), pages)
@@ -160,6 +162,9 @@ def export_dir(out: Path, loaded, sae: nn.Module, cfg, fp: str, contexts: list[l
     meta["budget_bytes"] = WEB_BUDGET_BYTES
     (out / "model.json").write_text(json.dumps(meta, indent=2))
 
+    if ex.steering:
+        report["steering"] = export_steering(out, loaded, sae, cfg, contexts, max_len, max(ex.opset, MIN_EXPORT_OPSET),
+                                             frequent)["gate"]
     report["total_bytes"] = report["web_bytes"] = meta["total_bytes"]
     report["budget_bytes"] = WEB_BUDGET_BYTES
     report["within_budget"] = meta["total_bytes"] <= WEB_BUDGET_BYTES

@@ -30,7 +30,7 @@ FALLBACK_TEXTS = [
 def frequent_tokens(cfg) -> np.ndarray | None:
     """Token ids by falling frequency in the store's training contexts (the parity contexts are
     the held-out ones, so the web file is not tuned to them); None without a store."""
-    store = cfg.run_dir / "activations.h5"
+    store = cfg.store_path
     if not store.exists():
         return None
     import h5py
@@ -45,7 +45,7 @@ def frequent_tokens(cfg) -> np.ndarray | None:
 def parity_contexts(cfg, loaded) -> list[list[int]]:
     """Held-out token contexts: the store's last (eval) contexts when a store exists, else texts."""
     n = cfg.export.parity_texts
-    store = cfg.run_dir / "activations.h5"
+    store = cfg.store_path
     if store.exists():
         import h5py
 
