@@ -145,7 +145,7 @@ def test_run_health_names_the_fix():
     rise = h.observe(30, 0.9, 0.0)
     assert len(rise) == 1 and "too high" in rise[0] and "train.lr" in rise[0] and "0.000333" in rise[0]
     assert h.observe(40, 0.9, 0.0) == []  # each kind once
-    dead = [h.observe(50 + i, 0.4, share) for i, share in enumerate((0.2, 0.31, 0.4, 0.5))]
+    dead = [h.observe(50 + i, 0.4, share) for i, share in enumerate((0.3, 0.45, 0.55, 0.65))]
     fired = sum(dead, [])
     assert dead[:2] == [[], []] and len(fired) == 1 and "dead" in fired[0] and "train.lr = 0.000333" in fired[0]
     stall = RunHealth(lr=1e-5, warmup_steps=10, total_steps=100)
