@@ -33,8 +33,8 @@ from markupsafe import Markup
 from atlas import page_data, pages, search_index, shards
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
-from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, read_stamp, rerun, sae_digest,
-                         sha256_file)
+from atlas.stage import input_digest, open_stage, read_stamp, rerun, sae_digest, sha256_file
+from atlas.suite import is_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_SRC = ROOT / "site_src"
@@ -45,20 +45,21 @@ NOTABLE_MARK = "@@ATLAS_NOTABLE@@"
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
     """Build runs/<name>/site from the run's features (skipped when already current)."""
-    run_dir = cfg.run_dir
-    features_dir, onnx_dir, out = run_dir / "features", run_dir / "onnx", run_dir / "site"
-    metrics = run_dir / "sae" / "metrics.jsonl"
+    if is_suite(cfg):
+        raise AtlasError(f"{cfg.path}: `atlas build` of a suite of several SAEs is not supported yet; "
+                         f"its SAEs are trained and analysed under {cfg.run_dir / 'saes'}")
+    features_dir, onnx_dir, out = cfg.features_dir, cfg.onnx_dir, cfg.site_dir
+    metrics = cfg.sae_dir / "metrics.jsonl"
     inputs = {"features": input_digest(features_dir, "analyze", cfg),
               "onnx": input_digest(onnx_dir, "export", cfg) if onnx_dir.exists() else "none",
               "metrics": sha256_file(metrics) if metrics.exists() else "none", "source": _source_hash()}
     _require_same_sae(cfg, [(features_dir, "analyze"), (onnx_dir, "export")])
-    fp = fingerprint(cfg.section_hash("build"), *inputs.values())
-    if not force and is_current(out, fp):
-        print(f"build: {out} is up to date")
+    opening = open_stage("build", cfg, out, ("build",), inputs, force)
+    if opening.current:
         return out
     manifest = shards.read_manifest(features_dir)
     _require_finite_features(features_dir, cfg)
-    with atomic_dir(out, fp, stage="build", inputs=inputs, rerun=rerun("build", cfg)) as tmp:
+    with opening.write() as tmp:
         build_site(cfg, manifest, features_dir, tmp, metrics_path=metrics,
                    onnx_dir=onnx_dir if onnx_dir.exists() else None)
         n_pages = sum(1 for _ in (tmp / "features").glob("*/index.html"))
@@ -72,7 +73,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
 
 def _require_same_sae(cfg: RunConfig, outputs: list[tuple[Path, str]]) -> None:
     """Pages and the browser's encoder must describe the run's current SAE, never a mix of two."""
-    sae_dir = cfg.run_dir / "sae"
+    sae_dir = cfg.sae_dir
     if read_stamp(sae_dir) is None:
         return  # features published without their SAE
     current = sae_digest(cfg)
@@ -424,6 +425,9 @@ def copy_onnx(onnx_dir: Path, site: Path) -> None:
     dest.mkdir(exist_ok=True)
     for name in ["model.json", *files]:
         shutil.copy2(onnx_dir / name, dest / Path(name).name)
+    if (onnx_dir / "steering.json").exists():  # the steer box's file (export.steering)
+        for name in ["steering.json", *json.loads((onnx_dir / "steering.json").read_text())["files"]]:
+            shutil.copy2(onnx_dir / name, dest / Path(name).name)
 
 
 def check_sizes(site: Path) -> None:

@@ -373,7 +373,7 @@ def _dense_acts(run: Path, ids: list[int]) -> np.ndarray:
     loaded = load_model(meta["model"], device="cpu", dtype="float32")
     sae = load_sae(run / "sae").float().eval()
     with torch.no_grad():
-        resid = loaded.truncated(meta["layer"])(torch.tensor([ids]))
+        resid = loaded.truncated(meta["saes"][0]["layer"])(torch.tensor([ids]))
         return sae.encode(resid)[0].numpy()
 
 
