@@ -263,7 +263,9 @@ def test_group_and_dominated_by_shown_when_present(tmp_path, monkeypatch):
     for path in sorted(features.glob("features-*.parquet")):
         table = pq.read_table(path)
         ids = table.column("feature_id").to_numpy()
-        table = table.append_column("group", pa.array(ids % 3, pa.int32()))
+        group = pa.array(ids % 3, pa.int16())
+        table = (table.set_column(table.column_names.index("group"), "group", group) if "group" in table.column_names
+                 else table.append_column("group", group))
         table = table.append_column("dominated_by", pa.array(
             ["special-token" if i % 4 == 1 else "position" if i % 4 == 2 else "" for i in ids]))
         pq.write_table(table, path)
