@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 from markupsafe import Markup
 
-from atlas import pages, search_index, shards
+from atlas import page_data, pages, search_index, shards
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
-from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, read_stamp, rerun, sae_digest,
-                         sha256_file)
+from atlas.stage import input_digest, open_stage, read_stamp, rerun, sae_digest, sha256_file
+from atlas.suite import is_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_SRC = ROOT / "site_src"
@@ -45,20 +45,21 @@ NOTABLE_MARK = "@@ATLAS_NOTABLE@@"
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
     """Build runs/<name>/site from the run's features (skipped when already current)."""
-    run_dir = cfg.run_dir
-    features_dir, onnx_dir, out = run_dir / "features", run_dir / "onnx", run_dir / "site"
-    metrics = run_dir / "sae" / "metrics.jsonl"
+    if is_suite(cfg):
+        raise AtlasError(f"{cfg.path}: `atlas build` of a suite of several SAEs is not supported yet; "
+                         f"its SAEs are trained and analysed under {cfg.run_dir / 'saes'}")
+    features_dir, onnx_dir, out = cfg.features_dir, cfg.onnx_dir, cfg.site_dir
+    metrics = cfg.sae_dir / "metrics.jsonl"
     inputs = {"features": input_digest(features_dir, "analyze", cfg),
               "onnx": input_digest(onnx_dir, "export", cfg) if onnx_dir.exists() else "none",
               "metrics": sha256_file(metrics) if metrics.exists() else "none", "source": _source_hash()}
     _require_same_sae(cfg, [(features_dir, "analyze"), (onnx_dir, "export")])
-    fp = fingerprint(cfg.section_hash("build"), *inputs.values())
-    if not force and is_current(out, fp):
-        print(f"build: {out} is up to date")
+    opening = open_stage("build", cfg, out, ("build",), inputs, force)
+    if opening.current:
         return out
     manifest = shards.read_manifest(features_dir)
     _require_finite_features(features_dir, cfg)
-    with atomic_dir(out, fp, stage="build", inputs=inputs, rerun=rerun("build", cfg)) as tmp:
+    with opening.write() as tmp:
         build_site(cfg, manifest, features_dir, tmp, metrics_path=metrics,
                    onnx_dir=onnx_dir if onnx_dir.exists() else None)
         n_pages = sum(1 for _ in (tmp / "features").glob("*/index.html"))
@@ -72,7 +73,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
 
 def _require_same_sae(cfg: RunConfig, outputs: list[tuple[Path, str]]) -> None:
     """Pages and the browser's encoder must describe the run's current SAE, never a mix of two."""
-    sae_dir = cfg.run_dir / "sae"
+    sae_dir = cfg.sae_dir
     if read_stamp(sae_dir) is None:
         return  # features published without their SAE
     current = sae_digest(cfg)
@@ -119,21 +120,24 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
         docs = Path(docs)
         write_docs(docs, cfg, manifest, table, _read_metrics(metrics_path))
         build_shell(docs, site, cfg)
+    prune_theme(site)
     add_csp(site)
     t_shell = time.perf_counter()
 
     skel_dir = site / "features" / pages.SKELETON
-    skeleton = pages.Skeleton.from_html((skel_dir / "index.html").read_text(encoding="utf-8"))
+    skeleton = pages.Skeleton.from_html((skel_dir / "index.html").read_text(encoding="utf-8"),
+                                        lambda path: (site / path).read_text(encoding="utf-8"))
     shutil.rmtree(skel_dir)
     for name, text in skeleton.assets.items():          # the shared files the lean chrome refers to
         (site / name).parent.mkdir(parents=True, exist_ok=True)
         (site / name).write_text(text, encoding="utf-8")
     facts = pages.SiteFacts(n_features=table.n, labels=_dense_labels(table), vocab=vocab,
-                            has_logits=bool(manifest.get("has_logits", True)))
+                            group_size=page_data.group_size(int(manifest["shard_size"])))
+    page_data.write_vocab(site, vocab)
     n_shards = len(list(features_dir.glob("features-*.parquet")))
     parts = []
     with tqdm(total=n_shards, desc="feature pages", unit="shard", disable=None) as bar:
-        for part in pages.render_all(features_dir, site / "features", skeleton, facts, workers, bar.update):
+        for part in pages.render_all(features_dir, site, skeleton, facts, workers, bar.update):
             parts.append(part)
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     top_token = np.full(table.n, -1, np.int32)
@@ -193,6 +197,17 @@ def build_shell(docs: Path, site: Path, cfg: RunConfig) -> None:
         (site / "404.html").unlink(missing_ok=True)
 
 
+def prune_theme(site: Path) -> None:
+    """Drop theme files no page loads: source maps, and lunr's language packs when search is English only
+    (~2.2 MB, a third of a KB per feature of the demo; see tests/bench/bench_pages.py)."""
+    for path in site.glob("assets/**/*.map"):
+        path.unlink()
+    index = site / "search" / "search_index.json"
+    langs = json.loads(index.read_text(encoding="utf-8")).get("config", {}).get("lang", []) if index.exists() else []
+    if langs == ["en"]:
+        shutil.rmtree(site / "assets" / "javascripts" / "lunr", ignore_errors=True)
+
+
 def add_csp(site: Path) -> None:
     """Put the Content-Security-Policy <meta> into every page MkDocs built (feature pages get it from the skeleton)."""
     for path in site.rglob("*.html"):
@@ -206,17 +221,33 @@ def add_csp(site: Path) -> None:
 def home_view(cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, metrics: list[dict]) -> dict:
     sae = manifest.get("sae_cfg") or {}
     arch = sae.get("metadata", {}).get("training_architecture") or sae.get("architecture", cfg.sae.architecture)
+    n = int(sae.get("d_sae", table.n))
+    n_tokens = manifest.get("n_tokens")
+    analysed = f"the {n_tokens:,} analysed tokens" if isinstance(n_tokens, int) else "the analysed tokens"
     glance = [
         ("Model", cfg.build.model_name or manifest.get("model", cfg.model.name)),
         ("Layer", f"{manifest.get('layer', cfg.model.layer)} ({manifest.get('hook_name', cfg.hook_name)})"),
         ("SAE", arch + (f", k = {sae['k']}" if "k" in sae else "")),
-        ("Width", f"{sae.get('d_sae', table.n):,} features"),
-        ("Analysed tokens", f"{manifest['n_tokens']:,}" if isinstance(manifest.get("n_tokens"), int) else "–"),
-        ("Dead / dense", f"{int(table.is_dead.sum()):,} / {int(table.is_dense.sum()):,}"),
+        ("Width", f"{n:,} features"),
+        ("Analysed tokens", f"{n_tokens:,}" if isinstance(n_tokens, int) else "–"),
+        ("Dead features", f"{int(table.is_dead.sum()):,} of {n:,} never fired on {analysed}"),
+        ("Dense features", f"{int(table.is_dense.sum()):,} of {n:,} fired on more than "
+                           f"{pages.fmt_pct(cfg.analyze.dense_threshold)} of {analysed}"),
     ]
     values = manifest.get("metrics") or {}
-    metric_rows = [(name, pages.fmt_num(float(values[k])), METRIC_HELP.get(k, ""))
-                   for k, name in METRIC_NAMES.items() if isinstance(values.get(k), (int, float))]
+    held_out = (f"the {int(values['eval_tokens']):,} held-out evaluation tokens"
+                if isinstance(values.get("eval_tokens"), (int, float)) else "the held-out evaluation tokens")
+    metric_rows = []
+    for k, name in METRIC_NAMES.items():
+        v = values.get(k)
+        if not isinstance(v, (int, float)):
+            continue
+        if k in ("dead_fraction", "dense_fraction"):   # a share of features: as a percentage and a count
+            text = f"{pages.fmt_pct(float(v))} ({round(v * n):,} of {n:,})"
+            help = METRIC_HELP[k].format(held_out=held_out, dense=pages.fmt_pct(cfg.analyze.dense_threshold))
+        else:
+            text, help = pages.fmt_num(float(v)), METRIC_HELP.get(k, "")
+        metric_rows.append((name, text, help))
     return {"title": cfg.build.title, "glance": glance, "metrics": metric_rows, "curves": curves(metrics),
             "scores": score_distribution(table, manifest)}
 
@@ -249,32 +280,59 @@ METRIC_NAMES = {"explained_variance": "Explained variance", "l0": "L0", "mse": "
 """The evaluation metrics (sae/metrics.json) the home page shows, in order."""
 METRIC_HELP = {"explained_variance": "1 − FVU on held-out activations", "l0": "mean active features per token",
                "ce_loss_score": "share of the CE loss increase from zero-ablation recovered by the SAE",
-               "kl_score": "1 − KL(SAE) / KL(zero-ablation)", "dead_fraction": "share of features that never fired"}
+               "kl_score": "1 − KL(SAE) / KL(zero-ablation)",
+               "dead_fraction": "features that never fired on {held_out} (the run at a glance counts the analysed tokens)",
+               "dense_fraction": "features that fired on more than {dense} of {held_out}"}
 
 
-def curves(metrics: list[dict], width=320, height=120) -> list[dict]:
-    """One small inline-SVG line chart per numeric metric in sae/metrics.jsonl."""
+CURVE_UNITS = {"loss": "training loss, per token", "mse": "per token", "l0": "features per token",
+               "dead_fraction": "share of features", "explained_variance": "share of variance"}
+"""What the training curves' y axes measure (sae/metrics.jsonl keys)."""
+
+
+def _tick(x: float) -> str:
+    """An axis label: 2.5M, 400k, 0.31."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return pages.fmt_num(x)
+
+
+def curves(metrics: list[dict], width=320, height=150) -> list[dict]:
+    """One small inline-SVG line chart per numeric metric in sae/metrics.jsonl, with both axes labelled."""
     if not metrics:
         return []
     xkey = next((k for k in ("tokens", "step") if k in metrics[0]), None)
     xs = [r.get(xkey, i) for i, r in enumerate(metrics)] if xkey else list(range(len(metrics)))
     keys = [k for k in metrics[0] if k not in ("step", "tokens", "lr", "time", "elapsed")
             and isinstance(metrics[0][k], (int, float)) and not isinstance(metrics[0][k], bool)]
+    left, bottom, top, right = 44, 30, 6, 8
+    plot_w, plot_h = width - left - right, height - top - bottom
     out = []
     for k in keys[:8]:
         pts = [(x, r[k]) for x, r in zip(xs, metrics)
                if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
         if len(pts) < 2:
             continue
-        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+        x1 = max(p[0] for p in pts)
         y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-        sx = width / ((x1 - x0) or 1)
-        sy = (height - 8) / ((y1 - y0) or 1)
+        sx = plot_w / (x1 or 1)
+        sy = plot_h / ((y1 - y0) or 1)
         step = max(1, len(pts) // 400)
-        poly = " ".join(f"{(x - x0) * sx:.1f},{height - 4 - (y - y0) * sy:.1f}" for x, y in pts[::step])
-        out.append({"name": METRIC_NAMES.get(k, k), "points": poly, "width": width, "height": height,
-                    "lo": pages.fmt_num(y0), "hi": pages.fmt_num(y1), "last": pages.fmt_num(pts[-1][1]),
-                    "x": xkey or "record", "xmax": pages.fmt_num(x1)})
+        poly = " ".join(f"{left + x * sx:.1f},{top + plot_h - (y - y0) * sy:.1f}" for x, y in pts[::step])
+        base = top + plot_h
+        yticks = [{"x": left - 4, "y": f"{top + plot_h - (v - y0) * sy + 4:.0f}", "text": _tick(v)}
+                  for v in ((y0, y1) if y1 > y0 else (y0,))]
+        xticks = [{"x": f"{left + v * sx:.0f}", "y": base + 13, "text": _tick(v), "anchor": a}
+                  for v, a in ((0, "start"), (x1 / 2, "middle"), (x1, "end"))]
+        ticks = "".join(f"M{left + v * sx:.0f} {base}v3" for v in (0, x1 / 2, x1))
+        ticks += "".join(f"M{left - 3} {top + plot_h - (v - y0) * sy:.0f}h3" for v in (y0, y1))
+        out.append({"name": METRIC_NAMES.get(k, k), "unit": CURVE_UNITS.get(k, ""), "points": poly,
+                    "width": width, "height": height, "lo": pages.fmt_num(y0), "hi": pages.fmt_num(y1),
+                    "last": pages.fmt_num(pts[-1][1]), "xmax": _tick(x1),
+                    "x_name": {"tokens": "tokens", "step": "steps"}.get(xkey, "records"),
+                    "axes": f"M{left} {top}V{base}H{width - right}" + ticks, "yticks": yticks, "xticks": xticks,
+                    "x_title": {"x": left + plot_w / 2, "y": height - 3}})
     return out
 
 
@@ -405,7 +463,7 @@ def _source_hash() -> str:
     """What the site is made with besides the data: site_src/, templates/, mkdocs.yml and this code."""
     h = hashlib.sha256()
     files = [MKDOCS_YML, *sorted(SITE_SRC.rglob("*")), *sorted((ROOT / "templates").rglob("*")),
-             *(Path(__file__).parent / m for m in ("build.py", "pages.py", "search_index.py", "shards.py"))]
+             *(Path(__file__).parent / m for m in ("build.py", "page_data.py", "pages.py", "search_index.py", "shards.py"))]
     for p in files:
         if p.is_file():
             h.update(str(p.relative_to(ROOT)).encode())

@@ -12,13 +12,17 @@ import os
 import sys
 import time
 
+from atlas import suite
 from atlas.errors import AtlasError
+from atlas.stage import PER_SAE_STAGES
 
-# Pipeline order; each module exposes run(cfg, force) -> Path.
+# Pipeline order; each module exposes run(cfg, force) -> Path. The stages in PER_SAE_STAGES run
+# once per SAE of a suite (atlas/suite.py), with the member's view of the config.
 STAGES = {
     "collect": "atlas.collect",
     "train": "atlas.train",
     "analyze": "atlas.analyze",
+    "links": "atlas.links",
     "export": "atlas.export",
     "build": "atlas.build",
 }
@@ -33,11 +37,14 @@ def main(argv: list[str] | None = None) -> int:
                  "steer": "continue a prompt with a feature added to the residual stream, beside the unsteered text"}
         p = sub.add_parser(name, help=helps.get(name, f"run the {name} stage"))
         if name == "import-sae":
-            p.add_argument("path", help="folder with cfg.json + sae_weights.safetensors")
+            p.add_argument("path", help="folder with cfg.json + sae_weights.safetensors, or a folder of such "
+                                        "folders (one per hook/width of a suite)")
         if name == "steer":
             from atlas import steer
 
             steer.add_arguments(p)
+        if name in (*PER_SAE_STAGES, "all", "steer"):
+            p.add_argument("--sae", metavar="ID", help="only this SAE of a suite, e.g. L8 or L8-24576")
         p.add_argument("--config", required=True, help="run config, e.g. configs/gpt2-small.yaml")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (repeatable)")
@@ -51,18 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "steer":  # reads the run, writes nothing: no lock
-            steer.run(cfg, args)
+            views = suite.configs(cfg, args.sae)
+            if len(views) > 1:
+                raise AtlasError(f"{cfg.path} holds several SAEs; say which to steer with: --sae "
+                                 f"{' | '.join(v.member for v in views)}")
+            steer.run(views[0], args)
             return 0
         distributed.init()
         with run_lock(cfg.run_dir, args.command):
             if args.command == "import-sae":
                 from atlas import import_sae
 
-                import_sae.run(cfg, args.path, force=args.force)
-            for name in {"all": list(STAGES), "import-sae": ["analyze", "export", "build"]}.get(args.command,
+                import_sae.run(cfg, args.path, force=args.force, only=args.sae)
+            for name in {"all": list(STAGES), "import-sae": ["analyze", "links", "export", "build"]}.get(args.command,
                                                                                               [args.command]):
                 t0 = time.perf_counter()
-                importlib.import_module(STAGES[name]).run(cfg, force=args.force)
+                stage = importlib.import_module(STAGES[name])
+                for view in (suite.configs(cfg, getattr(args, "sae", None)) if name in PER_SAE_STAGES else [cfg]):
+                    stage.run(view, force=args.force)
                 if distributed.rank_and_world()[0] == 0:
                     print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     except AtlasError as e:

@@ -22,7 +22,7 @@ import yaml
 
 from atlas.errors import ConfigError
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 WEB_QUANTIZATIONS = ("auto", "w8-emb4", "w8")
 """export.quantization values: atlas.export.QUANTIZATIONS plus "auto" (kept equal by a test)."""
 
@@ -34,8 +34,10 @@ class ModelConfig:
     gguf_file: str = ""
     """A GGUF file inside `name` (a local directory or a hub repo), e.g. "model.Q4_1.gguf"."""
     revision: str = "main"
-    layer: int = 8
-    """Residual stream before block `layer` (`hidden_states[layer]`, `blocks.L.hook_resid_pre`)."""
+    layer: int | list[int] = 8
+    """Residual stream before block `layer` (`hidden_states[layer]`, `blocks.L.hook_resid_pre`). A list
+    of layers makes the run a suite: one collection for every hook, one SAE per (layer, width)
+    (atlas/suite.py)."""
     device: str = "auto"
     """"auto" picks cuda when available, else cpu."""
     dtype: str = "float32"
@@ -62,9 +64,10 @@ class CorpusConfig:
 @dataclass
 class SAEConfig:
     architecture: str = "topk"
-    d_sae: int = 24576
+    d_sae: int | list[int] = 24576
+    """Latents; a list trains one SAE per width at every layer (a width family, atlas/suite.py)."""
     k: int = 32
-    """Active latents per token (topk, batchtopk)."""
+    """Active latents per token (topk, batchtopk, matryoshka: on average over the batch)."""
     aux_k: int = 512
     """Latents in the AuxK loss for dead latents (topk, batchtopk)."""
     aux_k_coefficient: float = 1 / 32
@@ -79,6 +82,11 @@ class SAEConfig:
     """Sparsity penalty (relu): lambda * sum_i f_i * ||W_dec_i||."""
     resample_dead: bool = False
     """relu only: re-initialise dead latents on high-loss inputs, as the original work did."""
+    matryoshka_groups: list[float] = field(default_factory=list)
+    """matryoshka only: the nested prefixes' widths, increasing, each trained to reconstruct on its
+    own -- latent counts (e.g. [768, 3072, 24576]) or fractions of d_sae (e.g. [0.0625, 0.25, 1]);
+    d_sae is added as the last when missing. Empty: fractions 1/64, 1/16, 1/4, 1. The saved
+    cfg.json records the widths used."""
     b_dec_init: str = "geometric_median"
     """"geometric_median", "mean" or "zeros"."""
 
@@ -192,6 +200,10 @@ class RunConfig:
     """The YAML file this config came from (not a key in the file)."""
     overrides: tuple[str, ...] = ()
     """The `--set` overrides applied to it, so a message can name the exact command to rerun."""
+    member: str = ""
+    """The suite member (atlas/suite.py) this config stands for, e.g. "L8"; "" for the run itself."""
+
+    # ---- where a run's outputs live: the one place that names them ----------------------------
 
     @property
     def name(self) -> str:
@@ -202,8 +214,62 @@ class RunConfig:
         return Path("runs") / self.name
 
     @property
+    def store_path(self) -> Path:
+        """The activation store, one per run (every hook of a suite)."""
+        return self.run_dir / "activations.h5"
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.run_dir / "onnx"
+
+    @property
+    def site_dir(self) -> Path:
+        return self.run_dir / "site"
+
+    @property
+    def links_dir(self) -> Path:
+        """How a suite's features relate across its SAEs (atlas/links.py)."""
+        return self.run_dir / "links"
+
+    @property
+    def member_dir(self) -> Path:
+        """The folder holding one SAE's outputs: the run folder itself for a run of one SAE,
+        runs/<name>/saes/<member id>/ for a member of a suite."""
+        return self.run_dir / "saes" / self.member if self.member else self.run_dir
+
+    @property
+    def sae_dir(self) -> Path:
+        return self.member_dir / "sae"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Training state while `atlas train` runs (atlas/train)."""
+        return self.member_dir / "sae.ckpt"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.member_dir / "features"
+
+    @property
+    def llm_cache_dir(self) -> Path:
+        return self.member_dir / "llm-cache"
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """model.layer as a sorted tuple (one entry for a run of one hook)."""
+        return _as_tuple(self.model.layer)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """sae.d_sae as a sorted tuple."""
+        return _as_tuple(self.sae.d_sae)
+
+    @property
     def hook_name(self) -> str:
-        return f"blocks.{self.model.layer}.hook_resid_pre"
+        """The hook of a run of one layer (a suite's config has one per member: `hook_name(layer)`)."""
+        if isinstance(self.model.layer, list):
+            raise ValueError("a suite's config has several hooks; use its members (atlas/suite.py)")
+        return hook_name(self.model.layer)
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of the named sections, the part of the config a stage depends on."""
@@ -214,7 +280,17 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d.pop("path")
         d.pop("overrides")
+        d.pop("member")
         return d
+
+
+def hook_name(layer: int) -> str:
+    """The residual stream before block `layer`, in TransformerLens/SAELens terms."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def _as_tuple(value: int | list[int]) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, list) else (value,)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -259,7 +335,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return cfg
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name not in ("path", "overrides")}
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name not in ("path", "overrides", "member")}
 _SECTIONS = {name: globals()[t] if isinstance(t, str) else t for name, t in _SECTIONS.items()}
 
 
@@ -276,7 +352,21 @@ def _build(path: Path, section: str, cls, values: dict):
 
 def _coerce(path: Path, key: str, typ, value):
     if isinstance(typ, types.UnionType):
-        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+        args = [t for t in typing.get_args(typ) if t is not type(None)]
+        if list[int] in args:  # `int | list[int]` (a suite's layers or widths): a list of one is the int
+            if not isinstance(value, list):
+                return _coerce(path, key, int, value)
+            if not value:
+                raise ConfigError(f"{path}: '{key}' must be an int or a non-empty list of ints, got []")
+            items = [_coerce(path, key, int, v) for v in value]
+            if len(set(items)) != len(items):
+                raise ConfigError(f"{path}: '{key}' = {value!r}: lists the same value twice")
+            return items[0] if len(items) == 1 else sorted(items)
+        typ = args[0]
+    if typing.get_origin(typ) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(path, key, typing.get_args(typ)[0], v) for v in value]
     if typ in (int, float) and isinstance(value, str):
         try:  # PyYAML reads 1e6 (no dot) as a string
             value = float(value.replace("_", ""))
@@ -295,13 +385,23 @@ def _coerce(path: Path, key: str, typ, value):
     return value
 
 
+def _matryoshka_groups_ok(sae: SAEConfig) -> bool:
+    groups = sae.matryoshka_groups
+    if not groups:
+        return True
+    increasing = all(a < b for a, b in zip(groups, groups[1:]))
+    fractions = groups[0] > 0 and groups[-1] <= 1
+    widths = groups[0] >= 1 and groups[-1] <= min(_as_tuple(sae.d_sae)) and all(float(g).is_integer() for g in groups)
+    return sae.architecture == "matryoshka" and increasing and (fractions or widths)
+
+
 def _validate(path: Path, cfg: RunConfig) -> None:
     def need(ok: bool, key: str, msg: str):
         if not ok:
             value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
             raise ConfigError(f"{path}: '{key}' = {value!r}: {msg}")
 
-    need(cfg.model.layer >= 0, "model.layer", "must be >= 0")
+    need(min(cfg.layers) >= 0, "model.layer", "must be >= 0")
     need(not cfg.model.gguf_file or cfg.model.gguf_file.endswith(".gguf"), "model.gguf_file", "must end in .gguf")
     need(not (cfg.model.gguf_file and cfg.model.name.endswith(".gguf")), "model.gguf_file",
          "model.name is a .gguf file already; set model.gguf_file only with a directory or hub repo")
@@ -313,11 +413,13 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(cfg.corpus.store_dtype in ("float16", "float32"), "corpus.store_dtype", "must be float16 or float32")
     need(0 <= cfg.corpus.eval_fraction < 1, "corpus.eval_fraction", "must be in [0, 1)")
     need(cfg.sae.architecture in ARCHITECTURES, "sae.architecture", f"must be one of {', '.join(ARCHITECTURES)}")
-    need(cfg.sae.d_sae >= 1, "sae.d_sae", "must be >= 1")
-    need(1 <= cfg.sae.k <= cfg.sae.d_sae, "sae.k", "must be between 1 and d_sae")
-    need(0 <= cfg.sae.aux_k <= cfg.sae.d_sae, "sae.aux_k", "must be between 0 and d_sae")
+    need(min(cfg.widths) >= 1, "sae.d_sae", "must be >= 1")
+    need(1 <= cfg.sae.k <= min(cfg.widths), "sae.k", "must be between 1 and d_sae")
+    need(0 <= cfg.sae.aux_k <= min(cfg.widths), "sae.aux_k", "must be between 0 and d_sae")
     for key in ("lr_scale_w_dec", "lr_scale_b_enc", "lr_scale_b_dec"):
         need(getattr(cfg.sae, key) is None or getattr(cfg.sae, key) > 0, f"sae.{key}", "must be > 0")
+    need(_matryoshka_groups_ok(cfg.sae), "sae.matryoshka_groups",
+         "for sae.architecture matryoshka only: increasing widths up to d_sae, or fractions in (0, 1]")
     need(cfg.sae.l1_coefficient >= 0, "sae.l1_coefficient", "must be >= 0")
     need(cfg.sae.b_dec_init in ("geometric_median", "mean", "zeros"), "sae.b_dec_init",
          "must be geometric_median, mean or zeros")
@@ -355,7 +457,7 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     # site_url ends up in attributes of every page: a plain http(s) URL or nothing
     need(not cfg.build.site_url or bool(re.fullmatch(r"https?://[^\s\"'<>`]+", cfg.build.site_url)),
          "build.site_url", "must be an http(s) URL")
-    need(1 <= cfg.export.top_k <= cfg.sae.d_sae, "export.top_k", "must be between 1 and sae.d_sae")
+    need(1 <= cfg.export.top_k <= min(cfg.widths), "export.top_k", "must be between 1 and sae.d_sae")
     need(cfg.export.parity_texts >= 1, "export.parity_texts", "must be >= 1")
     need(cfg.export.quantization in WEB_QUANTIZATIONS, "export.quantization",
          f"must be one of {', '.join(WEB_QUANTIZATIONS)}")

@@ -242,6 +242,28 @@ class TruncatedModel(nn.Module):
         out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
+    def residuals(self, input_ids: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """One forward pass -> {layer: residual stream before block `layer`} for every layer in
+        `layers` (each at most `self.layer`): the inputs of the earlier blocks, caught as they go by."""
+        caught: dict[int, torch.Tensor] = {}
+        blocks = _blocks(self.base)[1]
+
+        def catch(layer: int):
+            def pre_hook(module, args, kwargs):
+                caught[layer] = args[0] if args else kwargs["hidden_states"]
+            return pre_hook
+
+        handles = [blocks[layer].register_forward_pre_hook(catch(layer), with_kwargs=True)
+                   for layer in layers if layer < self.layer]
+        try:
+            last = self(input_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        if self.layer in layers:
+            caught[self.layer] = last
+        return {layer: caught[layer] for layer in layers}
+
 
 def load_model(name: str, revision: str = "main", device: str = "cpu", dtype: str = "float32",
                gguf_file: str = "") -> LoadedModel:

@@ -3,8 +3,9 @@
 MkDocs renders one skeleton page (`features/<SKELETON>/index.html`, at the same depth as every
 feature page, so its relative links already fit); every feature page is that HTML with the
 title and content placeholders replaced. Content comes from `templates/feature.html` (Jinja,
-autoescape on). Token windows are the one hot loop, so they are escaped and marked up here, in
-plain Python over a pre-escaped vocabulary, and handed to the template as markup.
+autoescape on): what must be readable without JavaScript (label, score, statistics). Examples,
+histogram, logits and neighbours are drawn by site_src/js/feature.js from one shared data file
+per group of features (atlas/page_data.py), which keeps a page under 3 KB.
 
 Shards are rendered one per task (`multiprocessing`), so memory is bounded by one shard.
 """
@@ -23,20 +24,20 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-from atlas import shards
+from atlas import page_data, shards
+from atlas.label_rules import Rule
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 SKELETON = "__atlas_skeleton__"
 TITLE_MARK = "@@ATLAS_TITLE@@"
 CONTENT_MARK = "@@ATLAS_CONTENT@@"
-LEVELS = 8                       # highlight intensity classes a1..a8
-# Interval samples (kind != "top") are shown trimmed, and only the first few of each interval: with
-# 20 full top windows they would otherwise more than double the page (see tests/bench/bench_build.py).
-INTERVAL_WINDOW = (8, 4)         # tokens shown left and right of the marked one in interval samples
-INTERVAL_SAMPLES = 1             # samples shown per interval (by rank)
+LEVELS = 8                       # highlight intensity classes a1..a8 (site_src/js/feature.js uses the same)
 
 
 def jinja_env() -> Environment:
@@ -61,8 +62,14 @@ def fmt_pct(x: float) -> str:
     return "0%" if x == 0 else f"{100 * x:.3g}%"
 
 
+WHITESPACE_GLYPHS = {"\n": "↵", "\t": "⇥", " ": "·", "\r": ""}
+"""How whitespace is shown where it would otherwise vanish (site_src/js/feature.js uses the same glyphs)."""
+
+
 def display_token(text: str) -> str:
-    """How a token is shown: whitespace made visible where it would otherwise vanish."""
+    """A token as a list or table shows it: a whitespace-only token as glyphs, else newlines and tabs as glyphs."""
+    if text and not text.strip():
+        return "".join(WHITESPACE_GLYPHS.get(c, c) for c in text)
     return text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
 
 
@@ -74,9 +81,9 @@ class Skeleton:
     assets: dict[str, str]       # site path -> text of the shared files the lean chrome refers to
 
     @classmethod
-    def from_html(cls, text: str) -> "Skeleton":
+    def from_html(cls, text: str, read_asset) -> "Skeleton":
         text = text.replace(SKELETON, "{id}")
-        text, assets = lean_chrome(_squeeze(text))
+        text, assets = lean_chrome(_squeeze(text), read_asset)
         text = with_csp(text)
         # MkDocs wraps the placeholder in a paragraph; drop the paragraph with it
         for wrapped in (f"<p>{CONTENT_MARK}</p>", CONTENT_MARK):
@@ -95,14 +102,17 @@ class Skeleton:
         return head + content + tail
 
 
-# The theme's chrome is ~11 KB of every feature page; 24,576 copies of it were most of the site.
-# lean_chrome() keeps the theme's markup and classes (so the look and the theme's JavaScript are
-# unchanged) but (1) drops the sidebars the skeleton's front matter hides (`hide: [navigation, toc]`)
-# and the drawer button that would open the emptied drawer, and the header's search box (MkDocs'
-# search covers the hand-written pages only; feature pages link to the feature search instead), (2) turns each inline SVG icon into an
-# empty <svg class=atlas-icN> painted by a CSS mask (a data: URL, so it works from file:// too),
-# (3) moves the theme's inline scripts into one shared file each (same order, still synchronous).
-ICON_CSS = "assets/stylesheets/atlas-icons.css"
+# The theme's chrome was ~11 KB of every feature page, then 4.7 KB; 131,072 copies of it would be most of
+# the site. lean_chrome() keeps the theme's markup and classes for what a feature page shows (header with
+# logo, site name and colour-scheme switch; the content column) and (1) drops the rest: sidebars, drawer,
+# search, overlay, footer, dialog, back-to-top, and the theme's bundle (which drives those) with its config;
+# (2) turns each inline SVG icon into an empty <svg class=atlas-icN> painted by a CSS mask (a data: URL,
+# so it works from file:// too); (3) moves the inline scripts into one shared file and concatenates the
+# stylesheets into another; (4) replaces the palette form by one button that
+# site_src/js/palette.js drives with the theme's stored choice (`__md_get("__palette")`), so a reader's
+# light/dark choice carries across the hand-written pages and the feature pages.
+PAGE_CSS = "assets/stylesheets/atlas-page.css"
+PAGE_JS = "assets/javascripts/atlas-page.js"
 _SVG = re.compile(r'<svg xmlns="http://www.w3.org/2000/svg" viewBox="([^"]+)">(.*?)</svg>', re.S)
 
 
@@ -121,18 +131,48 @@ def _drop_element(text: str, start_pattern: str, tag: str = "div") -> str:
     return text
 
 
-def lean_chrome(text: str) -> tuple[str, dict[str, str]]:
-    """The skeleton with less repeated markup, and the shared files it now refers to (see above)."""
+def _palette(text: str) -> tuple[str, list[dict]]:
+    """The palette form replaced by one button; the form's options (scheme, colours, icon) as data."""
+    form = re.search(r'<form class="md-header__option" data-md-component="palette">.*?</form>', text, re.S)
+    if form is None:
+        return text, []
+    options = []
+    for m in re.finditer(r'<input class="md-option" ([^>]*)>\s*<label [^>]*title="([^"]*)"[^>]*>\s*'
+                         r'<svg viewBox="[^"]*" class="(atlas-ic\d+)"></svg>', form.group(0)):
+        attrs = dict(re.findall(r'data-md-color-(\w+)="([^"]*)"', m.group(1)))
+        options.append({"color": attrs, "title": html.unescape(m.group(2)), "icon": m.group(3)})
+    if not options:
+        return text, []
+    first = options[0]
+    button = (f'<button type="button" class="md-header__button md-icon atlas-palette" title="{html.escape(first["title"])}" '
+              f'aria-label="{html.escape(first["title"])}"><svg viewBox="0 0 24 24" class="{first["icon"]}"></svg></button>')
+    text = text[:form.start()] + button + text[form.end():]
+    # the theme's script that applies a stored palette reads the form; palette.js does it instead
+    text = re.sub(r'<script>var palette=__md_get\("__palette"\).*?</script>', "", text, flags=re.S)
+    return text, options
+
+
+def lean_chrome(text: str, read_asset) -> tuple[str, dict[str, str]]:
+    """The skeleton with less repeated markup, and the shared files it now refers to (see above).
+
+    `read_asset(site_path)` returns the text of a file of the built site (stylesheets, site_src/js/palette.js).
+    """
     assets: dict[str, str] = {}
     text = _drop_element(text, r'<div class="md-sidebar md-sidebar--\w+"[^>]*\shidden>')
-    if 'data-md-type="navigation"' not in text:
-        text = _drop_element(text, r'<label class="md-header__button md-icon" for="__drawer">', "label")
-    text = _drop_element(text, r'<label class="md-header__button md-icon" for="__search">', "label")
-    text = _drop_element(text, r'<div class="md-search" data-md-component="search"')
-    text = re.sub(r'<meta name="generator"[^>]*>', "", text)
-    text = re.sub(r'(<script id="__config" type="application/json">)(.*?)(</script>)',
-                  lambda m: m.group(1) + json.dumps(json.loads(m.group(2)), separators=(",", ":")) + m.group(3), text,
-                  flags=re.S)
+    for pattern, tag in ((r'<label class="md-header__button md-icon" for="__drawer">', "label"),
+                         (r'<label class="md-header__button md-icon" for="__search">', "label"),
+                         (r'<div class="md-search" data-md-component="search"', "div"),
+                         (r'<div data-md-component="(skip|announce)"', "div"),
+                         (r'<div class="md-header__topic" data-md-component="header-topic"', "div"),
+                         (r'<div class="md-dialog"', "div"), (r'<footer class="md-footer"', "footer"),
+                         (r'<button type="button" class="md-top', "button")):
+        text = _drop_element(text, pattern, tag)
+    text = re.sub(r'<input class="md-toggle"[^>]*>|<label class="md-overlay"[^>]*></label>|<meta name="generator"[^>]*>',
+                  "", text)
+    text = re.sub(r'<script id="__config" type="application/json">.*?</script>', "", text, flags=re.S)
+    text = re.sub(r'<script src="[^"]*assets/javascripts/bundle\.[^"]*"></script>', "", text)
+    # the theme's script that checks a content tab named in the URL: feature pages have no tabs
+    text = re.sub(r'<script>var target=document\.getElementById\(location\.hash.*?</script>', "", text, flags=re.S)
 
     icons: dict[tuple[str, str], int] = {}
 
@@ -141,29 +181,35 @@ def lean_chrome(text: str) -> tuple[str, dict[str, str]]:
         return f'<svg viewBox="{m.group(1)}" class="atlas-ic{n}"></svg>'
 
     text = _SVG.sub(icon, text)
-    if icons:
-        rules = []
-        for (box, body), n in icons.items():
-            svg = f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='{box}'>{body.replace(chr(34), chr(39))}</svg>"
-            url = "url(\"data:image/svg+xml," + re.sub(r"[<>#%\"\n]", lambda c: f"%{ord(c.group()):02X}", svg) + "\")"
-            rules.append(f".atlas-ic{n}{{-webkit-mask-image:{url};mask-image:{url}}}")
-        assets[ICON_CSS] = ("/* The theme's icons on feature pages (atlas/pages.py lean_chrome) */\n"
-                            "svg[class^=atlas-ic]{background-color:currentcolor;-webkit-mask-repeat:no-repeat;"
-                            "mask-repeat:no-repeat;-webkit-mask-position:center;mask-position:center;"
-                            "-webkit-mask-size:contain;mask-size:contain}\n" + "\n".join(rules) + "\n")
-        link = f'<link rel="stylesheet" href="../../{ICON_CSS}">'
-        text = text.replace("</head>", link + "\n</head>", 1)
+    rules = []
+    for (box, body), n in icons.items():
+        svg = f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='{box}'>{body.replace(chr(34), chr(39))}</svg>"
+        url = "url(\"data:image/svg+xml," + re.sub(r"[<>#%\"\n]", lambda c: f"%{ord(c.group()):02X}", svg) + "\")"
+        rules.append(f".atlas-ic{n}{{-webkit-mask-image:{url};mask-image:{url}}}")
+    icon_css = ("/* The theme's icons on feature pages (atlas/pages.py lean_chrome) */\n"
+                "svg[class^=atlas-ic]{background-color:currentcolor;-webkit-mask-repeat:no-repeat;"
+                "mask-repeat:no-repeat;-webkit-mask-position:center;mask-position:center;"
+                "-webkit-mask-size:contain;mask-size:contain}\n" + "\n".join(rules) + "\n")
+    text, palette = _palette(text)
 
-    def script(m: re.Match) -> str:
-        attrs, body = m.group(1) or "", m.group(2)
-        if "src=" in attrs or "type=" in attrs or len(body) < 40:
-            return m.group(0)
-        name = f"assets/javascripts/atlas-{hashlib.sha256(body.encode()).hexdigest()[:10]}.js"
-        assets[name] = body + "\n"
-        return f'<script src="../../{name}"></script>'
-
-    text = _INLINE_SCRIPT.sub(script, text)
+    # one stylesheet: the theme's, ours and the icons, concatenated (they hold no relative url())
+    links = re.findall(r'<link rel="stylesheet" href="\.\./\.\./([^"]+)">', text)
+    assets[PAGE_CSS] = "\n".join(read_asset(p) for p in links) + "\n" + icon_css
+    text = re.sub(r'<link rel="stylesheet" href="[^"]+">', "", text)
+    text = text.replace("</head>", f'<link rel="stylesheet" href="../../{PAGE_CSS}">\n</head>', 1)
+    # the theme's remaining inline scripts (they define __md_get/__md_set; none touches the page before the
+    # header is parsed) and the palette switch: one shared file, run right after the header
+    inline = [m.group(2) for m in _INLINE_SCRIPT.finditer(text) if not m.group(1)]
+    text = _INLINE_SCRIPT.sub(lambda m: "" if not m.group(1) else m.group(0), text)
+    code = "\n".join(inline)
+    if palette:
+        code += "\nvar ATLAS_PALETTE = " + json.dumps(palette, separators=(",", ":")) + ";\n" + read_asset("js/palette.js")
+    if code.strip():
+        assets[PAGE_JS] = code + "\n"
+        text = text.replace("</header>", f'<script src="../../{PAGE_JS}"></script></header>', 1)
+    text = re.sub(r'\s+data-md-component="[^"]*"', "", text)   # only the theme's bundle reads these
     text = re.sub(r">\n<(?!/?(a|span|code|em|strong|b|i)\b)", "><", text)
+    text = re.sub(r"\s*\n\s*", "\n", text)
     return text, assets
 
 
@@ -200,8 +246,9 @@ class SiteFacts:
 
     n_features: int
     labels: list[str]
-    has_logits: bool
     vocab: list[str]
+    group_size: int = page_data.GROUP
+    """Features per shared data file (page_data.group_size of the shard size)."""
 
 
 # ---------------------------------------------------------------- view models
@@ -215,18 +262,10 @@ def fmt_value(a: float) -> str:
     return s[1:] if s.startswith("0.") else s
 
 
-def token_markup(vocab_html: list[str], token_ids, acts, max_act: float, mark: int,
-                 window: tuple[int, int] | None = None) -> Markup:
-    """A token window as HTML: zero tokens as plain text, active ones as <i class=aN data-v=VALUE>.
-
-    The class picks the highlight colour (LEVELS steps of max_act), CSS shows data-v on hover and
-    focus, and site_src/js/feature.js makes the active tokens focusable (tabindex) for the keyboard;
-    the marked (peak) token also gets class pk. Attributes are unquoted (their values never need
-    quotes) to keep 24,576 pages small.
-    """
-    if window is not None:
-        lo, hi = max(0, mark - window[0]), mark + window[1] + 1
-        token_ids, acts, mark = token_ids[lo:hi], acts[lo:hi], mark - lo
+def token_markup(vocab_html: list[str], token_ids, acts, max_act: float, mark: int) -> Markup:
+    """A token window as HTML (the notable page's case studies): zero tokens as plain text, active ones as
+    <i class=aN data-v=VALUE>, the marked (peak) one also with class pk. Feature pages draw theirs in
+    site_src/js/feature.js, with the same classes."""
     out = []
     scale = LEVELS / max_act if max_act > 0 else 0.0
     n = len(vocab_html)
@@ -239,18 +278,6 @@ def token_markup(vocab_html: list[str], token_ids, acts, max_act: float, mark: i
         else:
             out.append(text)
     return Markup("".join(out))
-
-
-def histogram(edges: list[float], counts: list[int], width=560, height=120) -> dict | None:
-    """Bars of the activation histogram (log-spaced edges drawn at equal widths) for an SVG: one stroke per bar."""
-    if not counts or not any(counts):
-        return None
-    top = max(counts)
-    bw = max(3, round(width / len(counts)) | 1)          # odd, so bar centres fall on whole units
-    path = "".join(f"M{i * bw + bw // 2} {height}V{height - height * math.log1p(c) / math.log1p(top):.0f}"
-                   for i, c in enumerate(counts) if c > 0)
-    return {"path": path, "width": bw * len(counts), "height": height, "bar": bw - 1, "lo": fmt_num(edges[0]),
-            "hi": fmt_num(edges[-1]), "top": f"{top:,}"}
 
 
 BANDS = ((0.7, "high"), (0.4, "medium"), (0.0, "low"))
@@ -286,8 +313,6 @@ def score_view(precision, recall, f1, matched: int, fired: int, scoring: str, is
 
 def rule_text(rule_json: str, vocab: list[str], label: str) -> str:
     """The whole rule when the label had to shorten it ("+N more"); else ""."""
-    from atlas.label_rules import Rule
-
     rule = Rule.from_json(rule_json) if rule_json else None
     if rule is None:
         return ""
@@ -295,28 +320,16 @@ def rule_text(rule_json: str, vocab: list[str], label: str) -> str:
     return full if full != label else ""
 
 
-def feature_view(row: dict, examples: list[dict], facts: SiteFacts, vocab_html: list[str]) -> dict:
-    """Exactly the values feature.html shows for one feature."""
+DOMINATED_BY = {"special-token": "Fires mostly on special tokens (BOS, separators, padding)",
+                "position": "Fires mostly by position in the context, not by content"}
+"""What the `dominated_by` column's values mean (atlas/analyze marks such features)."""
+
+
+def feature_view(row: dict, facts: SiteFacts) -> dict:
+    """Exactly the values feature.html shows for one feature (the static part of its page)."""
     fid = row["feature_id"]
-    max_act = row["max_act"] or 0.0
-
-    def window(ex, trim=None):
-        return {"act": fmt_num(ex["activation"]),
-                "html": token_markup(vocab_html, ex["token_ids"], ex["acts"], max_act, ex["offset"] - ex["window_start"],
-                                     trim)}
-
-    top = [window(e) for e in sorted((e for e in examples if e["kind"] == "top"), key=lambda e: e["rank"])]
-    samples = sorted((e for e in examples if e["kind"] != "top" and e["rank"] < INTERVAL_SAMPLES),
-                     key=lambda e: (-e["activation"], e["interval"], e["rank"]))
-    intervals = [window(e, INTERVAL_WINDOW) for e in samples]
-
-    def logits(ids, values):
-        return [{"text": display_token(facts.vocab[t]) if 0 <= t < len(facts.vocab) else "?", "value": f"{v:+.3f}"}
-                for t, v in zip(ids, values)]
-
     n = facts.n_features
-    neighbours = [{"id": int(i), "label": facts.labels[i] if 0 <= i < n else "", "cos": f"{c:.2f}"}
-                  for i, c in zip(row["neighbour_ids"], row["neighbour_cosines"]) if 0 <= i < n and i != fid]
+    dominated = row.get("dominated_by") or ""
     return {
         "id": fid,
         "label": row["label"] or "",
@@ -330,13 +343,10 @@ def feature_view(row: dict, examples: list[dict], facts: SiteFacts, vocab_html: 
         "max_act": fmt_num(row["max_act"]),
         "is_dead": row["is_dead"],
         "is_dense": row["is_dense"],
-        "hist": histogram(row["hist_edges"] or [], row["hist_counts"] or []),
-        "top": top,
-        "intervals": intervals,
-        "has_logits": facts.has_logits and bool(row["top_logit_ids"]),
-        "top_logits": logits(row["top_logit_ids"], row["top_logit_values"]),
-        "bottom_logits": logits(row["bottom_logit_ids"], row["bottom_logit_values"]),
-        "neighbours": neighbours,
+        "group": row.get("group"),
+        "dominated_by": dominated,
+        "dominated_help": DOMINATED_BY.get(dominated, ""),
+        "data_group": fid // facts.group_size,
         "prev": fid - 1 if fid > 0 else None,
         "next": fid + 1 if fid + 1 < n else None,
         "random": random_neighbour(fid, n),
@@ -353,74 +363,93 @@ def random_neighbour(fid: int, n: int) -> int:
 
 # ---------------------------------------------------------------- rendering
 
+OPTIONAL_COLUMNS = ("group", "dominated_by")
+"""Feature columns that analysis may add (Matryoshka level; special-token/position features): shown when present."""
 _STATE: dict = {}
 
 
-def _init(skeleton: Skeleton, facts: SiteFacts, out_dir: str):
+def _init(skeleton: Skeleton, facts: SiteFacts, site: str):
     env = jinja_env()
-    _STATE.update(skeleton=skeleton, facts=facts, out=Path(out_dir), template=env.get_template("feature.html"),
-                  vocab_html=[html.escape(display_token(t)) for t in facts.vocab])
+    _STATE.update(skeleton=skeleton, facts=facts, site=Path(site), template=env.get_template("feature.html"))
+
+
+def read_features(path: Path) -> pa.Table:
+    """A features shard with the schema's columns and whichever OPTIONAL_COLUMNS it has."""
+    table = shards.read_table(path, shards.FEATURES_SCHEMA)
+    extra = [c for c in OPTIONAL_COLUMNS if c in pq.read_schema(path).names and c not in table.column_names]
+    for name in extra:
+        table = table.append_column(name, pq.read_table(path, columns=[name]).column(name))
+    return table
 
 
 def render_shard(features_path: str) -> dict:
-    """Render every page of one shard; returns what the search indexes need from its examples."""
+    """Render every page of one shard and its shared data files; returns what the search indexes need."""
     st = _STATE
     facts: SiteFacts = st["facts"]
     fpath = Path(features_path)
-    rows = shards.read_table(fpath, shards.FEATURES_SCHEMA).to_pylist()
+    table = read_features(fpath)
     epath = fpath.with_name(fpath.name.replace("features-", "examples-", 1))
-    examples = []
-    if epath.exists():
-        import pyarrow.compute as pc
+    examples = (shards.read_table(epath, shards.EXAMPLES_SCHEMA) if epath.exists()
+                else shards.EXAMPLES_SCHEMA.empty_table())
+    n = facts.n_features
+    neighbour_labels = [[facts.labels[i] if 0 <= i < n else "" for i in ids]
+                        for ids in table.column("neighbour_ids").to_pylist()]
+    page_table = table.append_column("neighbour_labels", pa.array(neighbour_labels, pa.list_(pa.string())))
+    page_data.write_shard(st["site"], page_table, page_data.site_examples(examples), facts.group_size)
 
-        ex = shards.read_table(epath, shards.EXAMPLES_SCHEMA)
-        # only the examples a page shows: every top one, the first INTERVAL_SAMPLES of each interval
-        examples = ex.filter(pc.or_(pc.equal(ex["kind"], "top"), pc.less(ex["rank"], INTERVAL_SAMPLES))).to_pylist()
-    by_feature: dict[int, list] = {}
-    for e in examples:
-        by_feature.setdefault(e["feature_id"], []).append(e)
-    tok_t, tok_f, tok_a = [], [], []
-    top_token, consistency = [], []
-    for row in rows:
+    out = st["site"] / "features"
+    for row in table.to_pylist():
         fid = row["feature_id"]
-        exs = by_feature.get(fid, [])
-        view = feature_view(row, exs, facts, st["vocab_html"])
+        view = feature_view(row, facts)
         page = st["skeleton"].page(fid, f"#{fid} {view['label']}".strip(), st["template"].render(f=view))
-        d = st["out"] / str(fid)
+        d = out / str(fid)
         d.mkdir(exist_ok=True)
         (d / "index.html").write_text(page, encoding="utf-8")
-        marked = [e["token_ids"][e["offset"] - e["window_start"]] for e in exs
-                  if e["kind"] == "top" and 0 <= e["offset"] - e["window_start"] < len(e["token_ids"])]
-        for e, t in zip((e for e in exs if e["kind"] == "top"), marked):
-            tok_t.append(t)
-            tok_f.append(fid)
-            tok_a.append(e["activation"])
-        if marked:
-            vals, cnt = np.unique(marked, return_counts=True)
-            top_token.append(int(vals[cnt.argmax()]))
-            consistency.append(float(cnt.max() / len(marked)))
-        else:
-            top_token.append(-1)
-            consistency.append(0.0)
-    return {"ids": np.array([r["feature_id"] for r in rows], np.int32),
-            "top_token": np.array(top_token, np.int32), "consistency": np.array(consistency, np.float32),
-            "tok_token": np.array(tok_t, np.int32), "tok_feature": np.array(tok_f, np.int32),
-            "tok_act": np.array(tok_a, np.float32)}
+
+    # the token search index: the marked token of every top example; a feature's most common one
+    top = examples.filter(pc.equal(examples["kind"], "top")).combine_chunks()
+    ids = table.column("feature_id").to_numpy()
+    tok_t = np.zeros(0, np.int32)
+    tok_f, tok_a = tok_t, np.zeros(0, np.float32)
+    if top.num_rows:
+        windows = top.column("token_ids").chunk(0)
+        starts = windows.offsets.to_numpy()[:-1].astype(np.int64)
+        lengths = np.diff(windows.offsets.to_numpy()).astype(np.int64)
+        mark = (top.column("offset").to_numpy() - top.column("window_start").to_numpy()).astype(np.int64)
+        ok = (mark >= 0) & (mark < lengths)
+        flat = windows.flatten().to_numpy()
+        tok_t = flat[(starts + mark)[ok]].astype(np.int32)
+        tok_f = top.column("feature_id").to_numpy()[ok].astype(np.int32)
+        tok_a = top.column("activation").to_numpy()[ok].astype(np.float32)
+    top_token = np.full(len(ids), -1, np.int32)
+    consistency = np.zeros(len(ids), np.float32)
+    if len(tok_t):
+        pairs, counts = np.unique(np.stack([tok_f, tok_t], 1), axis=0, return_counts=True)
+        per_feature = np.bincount(tok_f, minlength=int(ids.max()) + 1)
+        order = np.lexsort((-counts, pairs[:, 0]))                # per feature: most common token first
+        first = order[np.unique(pairs[order, 0], return_index=True)[1]]
+        sorter = np.argsort(ids)
+        where = sorter[np.searchsorted(ids, pairs[first, 0], sorter=sorter)]
+        top_token[where] = pairs[first, 1]
+        consistency[where] = counts[first] / per_feature[pairs[first, 0]]
+    return {"ids": ids.astype(np.int32), "top_token": top_token, "consistency": consistency,
+            "tok_token": tok_t, "tok_feature": tok_f, "tok_act": tok_a}
 
 
-def render_all(features_dir: Path, out_dir: Path, skeleton: Skeleton, facts: SiteFacts, workers: int | None = None,
+def render_all(features_dir: Path, site: Path, skeleton: Skeleton, facts: SiteFacts, workers: int | None = None,
                progress=None):
-    """Render all shards into out_dir/<id>/index.html; yields each shard's search-index data."""
+    """Render all shards into site/features/<id>/index.html and site/data/pages/; yields each shard's
+    search-index data."""
     paths = sorted(str(p) for p in Path(features_dir).glob("features-*.parquet"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (site / "features").mkdir(parents=True, exist_ok=True)
     workers = workers or min(len(paths), os.cpu_count() or 1)
     if workers <= 1:
-        _init(skeleton, facts, str(out_dir))
+        _init(skeleton, facts, str(site))
         for p in paths:
             yield render_shard(p)
             progress and progress()
         return
-    with get_context("fork").Pool(workers, _init, (skeleton, facts, str(out_dir))) as pool:
+    with get_context("fork").Pool(workers, _init, (skeleton, facts, str(site))) as pool:
         for result in pool.imap_unordered(render_shard, paths):
             yield result
             progress and progress()

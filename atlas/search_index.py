@@ -1,7 +1,8 @@
 """The site's own compact indexes, loaded on demand by site_src/js/ (never MkDocs' search).
 
 - `data/features.js`: every feature as columnar arrays (label, its score, density, max
-  activation, map coordinates, flags, top token) for the explorer, the map and label search;
+  activation, map coordinates, flags, top token; `group`, the Matryoshka nesting level, when the
+  SAE has one, else null) for the explorer, the map and label search;
 - `data/tokens/NN.js`: which features fire hardest on a token, sharded by FNV-1a of the token
   text (site_src/js/atlas-data.js computes the same hash), built from the token at the marked
   position of each feature's top examples.
@@ -50,6 +51,8 @@ class FeatureTable:
     label_recall: np.ndarray
     heldout_fired: np.ndarray
     """Held-out tokens (contexts, for detection) the feature fired on: how much evidence the score rests on."""
+    group: np.ndarray
+    """Matryoshka nesting level (0: the first prefix); -1 where the SAE has none."""
 
     @property
     def n(self) -> int:
@@ -57,7 +60,7 @@ class FeatureTable:
 
 
 COLUMNS = ["feature_id", "label", "density", "max_act", "map_x", "map_y", "is_dead", "is_dense", "label_f1",
-           "label_precision", "label_recall", "heldout_fired"]
+           "label_precision", "label_recall", "heldout_fired", "group"]
 
 
 def read_feature_table(features_dir: Path) -> FeatureTable:
@@ -73,6 +76,8 @@ def read_feature_table(features_dir: Path) -> FeatureTable:
             col = t.column(c)
             if c == "label":
                 cols[c].append(col.to_pylist())
+            elif c == "group":                      # null (no nesting) reads as -1
+                cols[c].append(col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64))
             elif col.type == pa.float32():          # nullable scores: null reads as NaN
                 cols[c].append(col.to_numpy(zero_copy_only=False).astype(np.float64))
             else:
@@ -84,7 +89,8 @@ def read_feature_table(features_dir: Path) -> FeatureTable:
     return FeatureTable(ids[order], [labels_all[i] for i in order], pick("density").astype(np.float64),
                         pick("max_act").astype(np.float64), pick("map_x"), pick("map_y"),
                         pick("is_dead").astype(bool), pick("is_dense").astype(bool), pick("label_f1"),
-                        pick("label_precision"), pick("label_recall"), pick("heldout_fired").astype(np.int64))
+                        pick("label_precision"), pick("label_recall"), pick("heldout_fired").astype(np.int64),
+                        pick("group"))
 
 
 def _round(a: np.ndarray, digits: int = 4) -> list:
@@ -125,6 +131,7 @@ def write_features(data_dir: Path, table: FeatureTable, top_token: np.ndarray, v
         "x": _round(dense(table.map_x), 4), "y": _round(dense(table.map_y), 4), "flags": flags.tolist(),
         "f1": _score(dense(table.label_f1, np.nan)),
         "top_token": tokens,
+        "group": dense(table.group, -1).tolist() if (table.group >= 0).any() else None,
     })
 
 

@@ -51,7 +51,10 @@ FEATURES_SCHEMA = pa.schema([
     ("map_y", pa.float32()),
     ("is_dead", pa.bool_()),                     # never fired on the analysed tokens
     ("is_dense", pa.bool_()),                    # density above analyze.dense_threshold
+    ("group", pa.int16()),                       # nesting level of a Matryoshka SAE's feature (0: first prefix); null otherwise
 ])
+OPTIONAL_COLUMNS = {"group"}
+"""Columns added after schema v2 was first written: shards without them read as all null."""
 
 EXAMPLES_SCHEMA = pa.schema([
     ("feature_id", pa.int32()),
@@ -85,10 +88,17 @@ class FeatureRecord:
 
 def write_table(path: Path, table: pa.Table, schema: pa.Schema) -> None:
     """Write a table with the given schema, atomically (temporary name, then rename)."""
-    table = table.select(schema.names).cast(schema)
+    table = _with_optional_columns(table, schema).select(schema.names).cast(schema)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp, compression=COMPRESSION)
     tmp.replace(path)
+
+
+def _with_optional_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with the schema's OPTIONAL_COLUMNS it lacks added, all null."""
+    for name in sorted(OPTIONAL_COLUMNS & set(schema.names) - set(table.column_names)):
+        table = table.append_column(schema.field(name), pa.nulls(len(table), schema.field(name).type))
+    return table
 
 
 def read_table(path: Path, schema: pa.Schema, filters=None) -> pa.Table:
@@ -100,6 +110,7 @@ def read_table(path: Path, schema: pa.Schema, filters=None) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as e:
         raise AtlasError(f"{path}: corrupt or truncated shard ({str(e).splitlines()[0]}); "
                          f"delete it and run `atlas analyze` again") from None
+    table = _with_optional_columns(table, schema)
     missing = [n for n in schema.names if n not in table.column_names]
     if missing:
         raise AtlasError(f"{path}: not a feature shard of schema v{SCHEMA_VERSION} (missing {', '.join(missing)})")

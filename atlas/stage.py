@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from atlas.errors import AtlasError
@@ -67,10 +68,51 @@ def source_digest(name: str) -> str:
     return f"id:{name}"
 
 
+PER_SAE_STAGES = ("train", "analyze", "import-sae")
+"""Stages that take `--sae ID` to work on one member of a suite (collect and build take the run)."""
+
+
 def rerun(stage: str, cfg, *args: str) -> str:
-    """The command that runs `stage` of this run again, with the same config and overrides."""
-    words = ["atlas", stage, *args, "--config", cfg.path, *(w for s in cfg.overrides for w in ("--set", s))]
+    """The command that runs `stage` of this run again, with the same config and overrides (and,
+    for a member of a suite, `--sae ID` where the stage works on one SAE)."""
+    member = ["--sae", cfg.member] if cfg.member and stage in PER_SAE_STAGES else []
+    words = ["atlas", stage, *args, "--config", cfg.path, *member,
+             *(w for s in cfg.overrides for w in ("--set", s))]
     return shlex.join(words)
+
+
+# ---- the opening every stage shares ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A stage's output, what it is made from, and whether it is already current."""
+
+    stage: str
+    out: Path
+    fp: str
+    """fingerprint(the config sections the stage reads, the digests in `inputs`)."""
+    inputs: dict
+    current: bool
+    """The output is there, made from exactly these inputs, and intact: nothing to do."""
+    rerun: str
+
+    def write(self, **info):
+        """Context manager: a temporary folder to fill, stamped and renamed to `out` on success
+        (`atomic_dir`); `info` adds to or replaces what the stamp records."""
+        return atomic_dir(self.out, self.fp, **{"stage": self.stage, "inputs": self.inputs, "rerun": self.rerun,
+                                                **info})
+
+
+def open_stage(stage: str, cfg, out: Path, sections: tuple[str, ...], inputs: dict, force: bool = False) -> Opening:
+    """Fingerprint `out` from the config `sections` and the content digests `inputs`; when it is
+    current (and not `force`d) say "<stage>: <out> is up to date". The caller returns early if
+    `.current`, else writes its output with `.write()`."""
+    fp = fingerprint(cfg.section_hash(*sections), *inputs.values())
+    current = not force and is_current(out, fp)
+    if current:
+        print(f"{stage}: {out} is up to date")
+    return Opening(stage, Path(out), fp, inputs, current, rerun(stage, cfg))
 
 
 # ---- stamps --------------------------------------------------------------------------------
@@ -149,7 +191,7 @@ def sae_digest(cfg) -> str:
     of. Its metrics are not part of it, so a retrain to the same weights re-exports nothing."""
     from atlas.saes.base import CFG_FILE, WEIGHTS_FILE
 
-    return input_digest(cfg.run_dir / "sae", "train", cfg, only=(CFG_FILE, WEIGHTS_FILE))
+    return input_digest(cfg.sae_dir, "train", cfg, only=(CFG_FILE, WEIGHTS_FILE))
 
 
 @contextmanager

@@ -18,6 +18,18 @@ def tiny_world(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_suite_onnx(tiny_world, tmp_path_factory) -> Path:
+    """The tiny world's model and a suite of stand-in SAEs (test_export.SUITE: three layers, a width
+    family at one) exported to an onnx/ folder; shared by test_export and test_browser_analyser."""
+    from test_export import export_tiny, suite_saes
+
+    from atlas.model import load_model
+
+    d_model = load_model(str(tiny_world / "model")).d_model
+    return export_tiny(tiny_world, tmp_path_factory.mktemp("suite-onnx"), saes=suite_saes(d_model))
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny Llama as a Q4_1 GGUF file (tiny_llama.GGUF_NAME) and as transformers weights (reference/)."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -69,7 +69,12 @@ def write(run_dir: Path, n_features: int, *, shard_size: int = 512, n_top: int =
         dead = (ids % 97) == 5
         density[dead] = 0
         max_act = rng.uniform(1, 30, n) * ~dead
-        edges = np.geomspace(np.maximum(max_act, 1e-3) * 1e-3, np.maximum(max_act, 1e-3), bins + 1, axis=1)
+        # log-spaced edges and linear interval edges computed as analysis computes them (float64, then float32)
+        hi = np.maximum(max_act, 1e-3).astype(np.float32).astype(np.float64)
+        lo = (hi * 1e-3).astype(np.float32).astype(np.float64)
+        t = np.linspace(0, 1, bins + 1)
+        edges = np.exp(np.log(lo)[:, None] + t[None] * (np.log(hi) - np.log(lo))[:, None])
+        edges[:, 0], edges[:, -1] = lo, hi
         counts = (rng.gamma(2, 50, (n, bins)) * ~dead[:, None]).astype(np.int64)
         labels = [HOSTILE[(i // 50) % len(HOSTILE)] if i % 50 == 3 else f"{WORDS[i % len(WORDS)]} after {WORDS[(i * 7) % len(WORDS)]}"
                   for i in ids]
@@ -95,7 +100,8 @@ def write(run_dir: Path, n_features: int, *, shard_size: int = 512, n_top: int =
             "mean_act": (max_act / 3).astype(np.float32), "max_act": max_act.astype(np.float32),
             "hist_edges": _list_array(edges.astype(np.float32), bins + 1, pa.float32()),
             "hist_counts": _list_array(counts, bins, pa.int64()),
-            "interval_edges": _list_array(np.linspace(0, 1, n_intervals + 1)[None, :] * max_act[:, None],
+            "interval_edges": _list_array(np.linspace(0, 1, n_intervals + 1)[None, :]
+                                          * max_act.astype(np.float32).astype(np.float64)[:, None],
                                           n_intervals + 1, pa.float32()),
             "top_logit_ids": _list_array(rng.integers(0, n_vocab, (n, nl), dtype=np.int32), nl, pa.int32()),
             "top_logit_values": _list_array(np.sort(rng.uniform(0, 1, (n, nl)))[:, ::-1].astype(np.float32), nl, pa.float32()),

@@ -96,7 +96,8 @@ def result(root: Path) -> dict:
         "store": read_stamp(run / "activations.h5")["digest"],
         "sae": sha256_file(run / "sae" / "sae_weights.safetensors"),
         "features": {p.name: sha256_file(p) for p in sorted((run / "features").glob("*.parquet"))},
-        "onnx": {n: sha256_file(run / "onnx" / n) for n in ("encoder.onnx", "encoder.web.onnx", "tokenizer.json")},
+        "onnx": {n: sha256_file(run / "onnx" / n) for n in ("trunk.onnx", "trunk.web.onnx", "encoder-L2.onnx", "encoder-L2.web.onnx",
+                                                            "tokenizer.json")},
         "site": {"pages": len(pages), "content": [sha256_file(p) for p in pages]},
     }
 
@@ -405,7 +406,7 @@ SHARD = RUN / "features" / "features-00001.parquet"
     (lambda: SHARD.unlink(), "features-00001.parquet: missing"),
     (lambda: (RUN / "features" / "manifest.json").unlink(), "manifest.json: missing"),
     (lambda: SHARD.write_bytes(SHARD.read_bytes()[:1000]), "features-00001.parquet: changed since it was written"),
-    (lambda: (RUN / "onnx" / "encoder.web.onnx").unlink(), "encoder.web.onnx: missing"),
+    (lambda: (RUN / "onnx" / "encoder-L2.web.onnx").unlink(), "encoder-L2.web.onnx: missing"),
 ], ids=["deleted-shard", "deleted-manifest", "truncated-shard", "deleted-web-encoder"])
 def test_damaged_input_of_build_names_the_file_and_the_fix(work, capsys, reference, harm, needle):
     harm()

@@ -18,7 +18,7 @@ import os
 import re
 import urllib.request
 from pathlib import Path
-from urllib.parse import urldefrag
+from urllib.parse import quote, urldefrag
 
 import numpy as np
 import pytest
@@ -88,7 +88,11 @@ def shots(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def live_feature(tiny_site) -> int:
     """A feature whose page shows highlighted examples."""
-    return next(i for i in range(256) if "data-v=" in (tiny_site / f"features/{i}/index.html").read_text())
+    from atlas import page_data
+
+    size = page_data.group_size(json.loads((tiny_site.parent / "features" / "manifest.json").read_text())["shard_size"])
+    return next(i for i in range(256)
+                if any(e["feature_id"] == i for e in page_data.read_group(tiny_site, i // size)["examples"]))
 
 
 def _visit(browser, url, shot: Path | None = None, dark=False):
@@ -98,6 +102,8 @@ def _visit(browser, url, shot: Path | None = None, dark=False):
         page.emulate_media(color_scheme="dark")
     page.goto(url)
     page.wait_for_load_state("networkidle")
+    if "/features/" in url:     # feature pages draw their examples from a shared data file (js/feature.js)
+        page.wait_for_selector("#atlas-feature[data-state=done], #atlas-feature[data-state=error]", state="attached")
     if shot:
         page.screenshot(path=str(shot), full_page=False)
     return page
@@ -150,7 +156,7 @@ def test_home_and_feature_page(browser, server, site_url, live_feature, shots):
     for dark in (False, True):
         page = _visit(browser, site_url + f"features/{live_feature}/index.html",
                       shots / f"feature{'-dark' * dark}.png", dark=dark)
-        assert page.locator(".atlas-ex i[data-v]").count() > 0
+        assert page.locator(".atlas-win span.a1, .atlas-win span.a8").count() > 0
         # the theme's icons are CSS masks on empty <svg>s: painted, at the theme's size
         icon = page.locator(".md-header__button.md-logo svg")
         assert "data:image/svg+xml" in icon.evaluate("e => getComputedStyle(e).webkitMaskImage || getComputedStyle(e).maskImage")
@@ -166,7 +172,8 @@ def test_hostile_text_stays_text(browser, hostile_server):
     server = hostile_server
     base = server.url(HOSTILE)
     page = _visit(browser, base + "features/53/index.html")
-    assert page.locator(".atlas-ex i[data-v]").count() > 0
+    assert page.get_attribute("#atlas-feature", "data-state") == "done"
+    assert page.locator(".atlas-win span").count() > 0
     assert page.evaluate("() => !!window.__pwned") is False
     assert page.locator("img[src=x]").count() == 0
     _clean(page, server, base)
@@ -181,24 +188,31 @@ def test_hostile_text_stays_text(browser, hostile_server):
 
 
 def test_token_value_on_hover_and_focus(browser, server, site_url, live_feature):
-    """Active tokens show their value (data-v) on hover, and on keyboard focus (feature.js adds tabindex)."""
+    """Every token shows its position in its context (and its value where the feature fires) on hover and on
+    keyboard focus; each example is one tab stop, arrow keys move between its tokens."""
     page = _visit(browser, site_url + f"features/{live_feature}/index.html")
-    sel = ".atlas-ex i[data-v]"
+    sel = ".atlas-win span.pk"
     token = page.locator(sel).first
-    value = token.get_attribute("data-v")
+    tip = token.get_attribute("data-tip")
+    assert re.fullmatch(r"[\d.e+-]+ at position \d+", tip), tip
     assert page.evaluate(AFTER, sel) in ("none", "normal")
     token.hover()
-    assert page.evaluate(AFTER, sel) == f'"{value}"'
+    assert page.evaluate(AFTER, sel) == f'"{tip}"'
     page.mouse.move(0, 0)
-    assert token.evaluate("e => e.tabIndex") == 0
     page.locator(".atlas-pager a").last.focus()            # from the pager, Tab walks into the example windows
-    for _ in range(40):
+    for _ in range(10):
         page.keyboard.press("Tab")
-        if page.evaluate("() => document.activeElement.matches('.atlas-ex i[data-v]')"):
+        if page.evaluate("() => !!document.activeElement.closest('.atlas-win')"):
             break
-    focused = page.evaluate("() => [document.activeElement.getAttribute('data-v'), "
-                            "getComputedStyle(document.activeElement, '::after').content]")
-    assert focused[0] and focused[1] == f'"{focused[0]}"'
+    state = "() => [document.activeElement.getAttribute('data-tip'), getComputedStyle(document.activeElement, '::after').content, " \
+            "[...document.querySelectorAll('.atlas-ex > li')].indexOf(document.activeElement.closest('li'))]"
+    first = page.evaluate(state)
+    assert first[0] and first[1] == f'"{first[0]}"' and first[2] == 0
+    page.keyboard.press("ArrowRight")                       # the next token of the same example
+    moved = page.evaluate(state)
+    assert moved[2] == 0 and moved[0] != first[0]
+    page.keyboard.press("Tab")                              # the next example, not the next token
+    assert page.evaluate(state)[2] == 1
     _clean(page, server, site_url)
 
 
@@ -284,7 +298,8 @@ def test_file_url_pages_work(browser, tiny_site):
     href = page.locator("#atlas-rows a").first.get_attribute("href")
     assert href.startswith("file://") and href.endswith("/index.html")
     page.goto(href)
-    assert page.locator(".atlas-ex i[data-v]").count() > 0 or page.locator(".atlas-badge.dead").count() > 0
+    page.wait_for_selector("#atlas-feature[data-state=done]", state="attached")
+    assert page.locator(".atlas-win span").count() > 0 or page.locator(".atlas-badge.dead").count() > 0
     page.goto((tiny_site / "prompt.html").as_uri())
     assert "python -m http.server" in page.inner_text(".atlas-needs-server")
     assert page.is_disabled(".atlas-prompt-form button")
@@ -358,7 +373,7 @@ def _dense_acts(run: Path, ids: list[int]) -> np.ndarray:
     loaded = load_model(meta["model"], device="cpu", dtype="float32")
     sae = load_sae(run / "sae").float().eval()
     with torch.no_grad():
-        resid = loaded.truncated(meta["layer"])(torch.tensor([ids]))
+        resid = loaded.truncated(meta["saes"][0]["layer"])(torch.tensor([ids]))
         return sae.encode(resid)[0].numpy()
 
 
@@ -408,3 +423,98 @@ def test_try_box_end_to_end(browser, server, site_url, tiny_site, tiny_run, shot
     page.screenshot(path=str(shots / "try.png"), full_page=False)
     _clean(page, server, site_url)
     assert not browser.external_requests, browser.external_requests
+
+
+# ---------------------------------------------------------------- feature pages drawn from their data files
+
+
+GLYPH = {"\n": "↵", "\t": "⇥", " ": "·"}
+
+
+def _shown(text: str) -> str:
+    """How js/feature.js writes a token into an example window (see its fillToken)."""
+    text = text.replace("\r", "")
+    if text and not text.strip():
+        return "".join("↵\n" if c == "\n" else GLYPH[c] for c in text)
+    return text.replace("\n", "↵\n").replace("\t", "⇥\t")
+
+
+def test_examples_render_the_shard_data(browser, hostile_server, built_site):  # noqa: F811
+    """Examples in Chromium equal the shards' (the kept ones: every top example, one sample per interval):
+    tokens (whitespace as ↵ · ⇥, hostile text as text), positions, highlighted values; one tab stop each."""
+    import pyarrow.compute as pc
+
+    from atlas import page_data, shards
+
+    features = built_site.parent / "features"
+    vocab = shards.read_vocab(features)
+    fid = 53
+    manifest = shards.read_manifest(features)
+    ex = shards.read_table(features / shards.shard_name("examples", fid // manifest["shard_size"]), shards.EXAMPLES_SCHEMA)
+    want = page_data.site_examples(ex.filter(pc.equal(ex["feature_id"], fid))).to_pylist()
+    base = hostile_server.url(HOSTILE)
+    page = _visit(browser, base + f"features/{fid}/index.html")
+    page.click(".atlas-more")                                          # "more examples": the rest of the top ones
+    got = page.evaluate("""() => [...document.querySelectorAll('.atlas-ex > li')].map(li => ({
+        act: li.querySelector('b').textContent,
+        tokens: [...li.querySelectorAll('.atlas-win span')].map(s => [s.textContent, s.getAttribute('data-tip'),
+                                                                     s.className, s.tabIndex]),
+        href: li.querySelector('a.atlas-analyse').getAttribute('href')}))""")
+    top = [e for e in want if e["kind"] == "top"]
+    samples = sorted((e for e in want if e["kind"] != "top"), key=lambda e: -e["activation"])
+    assert len(got) == len(top) + len(samples) > 20
+    blanks = 0
+    for shown, e in zip(got, top + samples):
+        # three significant digits of the float16 value the data file holds
+        assert abs(float(shown["act"].replace(",", "")) - e["activation"]) <= 0.006 * e["activation"], shown["act"]
+        assert len(shown["tokens"]) == len(e["token_ids"])
+        for i, ((text, tip, cls, tab), t, a) in enumerate(zip(shown["tokens"], e["token_ids"], e["acts"])):
+            assert text == _shown(vocab[t]), (i, text, vocab[t])
+            blanks += "ws" in cls.split()
+            assert tip.endswith(f"position {e['window_start'] + i}")
+            assert (a > 0) == bool(re.search(r"\ba[1-8]\b", cls)), (i, a, cls)
+            if a > 0:
+                assert abs(float(tip.split(" at ")[0]) - a) <= 0.06 * a, (tip, a)
+        assert sum(tok[3] == 0 for tok in shown["tokens"]) == 1        # one tab stop per example
+        assert shown["href"].endswith("prompt.html#text=" + quote("".join(vocab[t] for t in e["token_ids"]), safe="-_.!~*'()"))
+    assert blanks, "no whitespace-only token among the examples (the synthetic vocabulary has \\n and ' ')"
+    assert page.locator(".atlas-ex script, .atlas-ex img").count() == 0 and not page.evaluate("() => !!window.__pwned")
+    _clean(page, hostile_server, base)
+
+
+def test_download_json_is_the_shard_record(browser, hostile_server, built_site):  # noqa: F811
+    import pyarrow.compute as pc
+
+    from atlas import page_data, shards
+    from test_build import _same
+
+    features = built_site.parent / "features"
+    fid = 70
+    rec = shards.read_feature(features, fid)
+    base = hostile_server.url(HOSTILE)
+    page = _visit(browser, base + f"features/{fid}/index.html")
+    with page.expect_download() as info:
+        page.click(".atlas-download")
+    assert info.value.suggested_filename == f"feature-{fid}.json"
+    data = json.loads(Path(info.value.path()).read_text(encoding="utf-8"))
+    for key, value in rec.row.items():
+        assert _same(data["feature"][key], value), (key, data["feature"][key], value)
+    ex = shards.read_table(features / shards.shard_name("examples", 1), shards.EXAMPLES_SCHEMA)
+    want = page_data.site_examples(ex.filter(pc.equal(ex["feature_id"], fid))).to_pylist()
+    vocab = shards.read_vocab(features)
+    assert len(data["examples"]) == len(want)
+    half = ("acts", "activation")
+    for a, b in zip(data["examples"], want):
+        assert _same({k: a[k] for k in b if k not in half}, {k: v for k, v in b.items() if k not in half})
+        assert _same([a["activation"], *a["acts"]], [b["activation"], *b["acts"]], rel=1e-3)
+        assert a["tokens"] == [vocab[t] for t in b["token_ids"]]
+    _clean(page, hostile_server, base)
+
+
+def test_logits_show_whitespace(browser, hostile_server, built_site):  # noqa: F811
+    """Whitespace in logit tables is visible (· for a space, ↵, ⇥): a whitespace-only token is never a blank cell."""
+    base = hostile_server.url(HOSTILE)
+    page = _visit(browser, base + "features/70/index.html")
+    cells = page.eval_on_selector_all(".atlas-logits td:first-child", "tds => tds.map(t => t.textContent)")
+    assert cells and all(c.strip() and " " not in c and "\n" not in c for c in cells)
+    _clean(page, hostile_server, base)

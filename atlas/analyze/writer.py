@@ -41,12 +41,13 @@ def vocab_texts(tokenizer) -> list[str]:
 
 def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: list[str], a,
                    tokens: np.ndarray, device: torch.device = torch.device("cpu"),
-                   labelling: "label_data.LabelData | None" = None) -> dict:
+                   labelling: "label_data.LabelData | None" = None, groups: torch.Tensor | None = None) -> dict:
     """Write the shards and vocab.parquet into `out`; return the manifest's shard/analysis keys.
 
     Logit effects and neighbours are computed on `device`; everything else on the CPU. Labels are
     chosen and scored on `labelling`'s splits (without it, rule explainers fall back to top-tokens
-    and labels go unscored)."""
+    and labels go unscored). `groups`: each feature's nesting level (`SparseAutoencoder.latent_groups`),
+    or None (the column is null)."""
     d_sae = w_dec.shape[0]
     flat_tokens = torch.from_numpy(np.ascontiguousarray(tokens).reshape(-1).astype(np.int32))
     t0 = time.perf_counter()
@@ -109,6 +110,8 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
             "neighbour_ids": lists(nb_ids), "neighbour_cosines": lists(nb_cos),
             "map_x": xy[f0:f1, 0], "map_y": xy[f0:f1, 1],
             "is_dead": is_dead[f0:f1].numpy(), "is_dense": is_dense[f0:f1].numpy(),
+            "group": (pa.nulls(f1 - f0, pa.int16()) if groups is None
+                      else pa.array(groups[f0:f1].numpy().astype(np.int16))),
         })
         write_table(out / shard_name("features", sh), feats, FEATURES_SCHEMA)
 

@@ -1,8 +1,9 @@
 """`atlas train`: fit a sparse autoencoder to the stored activations, then evaluate it.
 
-Reads runs/X/activations.h5 (training split), writes runs/X/sae/ (SAELens-format cfg.json and
+Reads the run's activations.h5 (training split), writes `cfg.sae_dir` (runs/X/sae/, or
+runs/X/saes/<id>/sae/ for a member of a suite: SAELens-format cfg.json and
 sae_weights.safetensors, metrics.json, metrics.jsonl, stamp.json). While training, the state
-lives in runs/X/sae.ckpt/: a checkpoint every `train.checkpoint_every` steps and the metrics log,
+lives in `cfg.checkpoint_dir` (sae.ckpt/ beside sae/): a checkpoint every `train.checkpoint_every` steps and the metrics log,
 so a killed run resumes from its last checkpoint and reproduces the same batches.
 
 In reading order: `data.py` (the shuffled training rows), `trainer.py` (the loop, data-parallel
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from atlas import distributed
 from atlas.config import RunConfig
-from atlas.stage import atomic_dir, fingerprint, input_digest, is_current, require_finite, rerun
+from atlas.stage import input_digest, open_stage, require_finite, rerun
 from atlas.train.data import store_stream
 from atlas.train.trainer import CKPT_FILE, LOG_FILE, train_sae
 
@@ -35,19 +36,16 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     from atlas.model import resolve_device
     from atlas.store import ActivationStore
 
-    store_path = cfg.run_dir / "activations.h5"
-    out = cfg.run_dir / "sae"
-    store_digest = input_digest(store_path, "collect", cfg)
-    fp = fingerprint(cfg.section_hash("sae", "train"), store_digest)
-    if is_current(out, fp) and not force:
-        print(f"train: {out} is up to date")
+    store_path, out, ckpt_dir = cfg.store_path, cfg.sae_dir, cfg.checkpoint_dir
+    opening = open_stage("train", cfg, out, ("sae", "train"), {"store": input_digest(store_path, "collect", cfg)}, force)
+    if opening.current:
         return out
-    ckpt_dir = cfg.run_dir / "sae.ckpt"
+    fp = opening.fp
     main = distributed.is_main()
     if force and main and (ckpt_dir / CKPT_FILE).exists():
         (ckpt_dir / CKPT_FILE).unlink()
     device = resolve_device(cfg.model.device)
-    with ActivationStore(store_path, rerun("collect", cfg)) as store:
+    with ActivationStore(store_path, rerun("collect", cfg), layer=cfg.model.layer) as store:
         data = store_stream(store, cfg.train)
         t0 = time.perf_counter()
         sae, summary = train_sae(cfg.sae, cfg.train, data, ckpt_dir=ckpt_dir, fp=fp,
@@ -56,7 +54,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         if main:  # the other ranks hold the same SAE; they wait for rank 0's sae/ below
             require_finite(sae.state_dict(), out, "training diverged; lower train.lr")
             metrics = {**evaluate(sae, store, cfg), **summary}
-            with atomic_dir(out, fp, stage="train", inputs={"store": store_digest}, rerun=rerun("train", cfg)) as tmp:
+            with opening.write() as tmp:
                 sae.save(tmp)
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 if (ckpt_dir / LOG_FILE).exists():

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import synthetic_shards  # noqa: E402
-from atlas import build, pages, shards  # noqa: E402
+from atlas import build, page_data, pages, shards  # noqa: E402
 from atlas.config import RunConfig  # noqa: E402
 
 
@@ -39,16 +39,14 @@ def mkdocs_time(features_dir: Path, ids: list[int], cfg: RunConfig, manifest: di
 
     table = search_index.read_feature_table(features_dir)
     vocab = shards.read_vocab(features_dir)
-    facts = pages.SiteFacts(n_features=table.n, labels=build._dense_labels(table), vocab=vocab,
-                            has_logits=bool(manifest.get("has_logits", True)))
-    vocab_html = [pages.html.escape(pages.display_token(t)) for t in vocab]
+    facts = pages.SiteFacts(n_features=table.n, labels=build._dense_labels(table), vocab=vocab)
     template = pages.jinja_env().get_template("feature.html")
     with tempfile.TemporaryDirectory() as tmp:
         docs, site = Path(tmp) / "docs", Path(tmp) / "site"
         build.write_docs(docs, cfg, manifest, table, [])
         for fid in ids:
             rec = shards.read_feature(features_dir, fid, manifest)
-            view = pages.feature_view(rec.row, rec.examples, facts, vocab_html)
+            view = pages.feature_view(rec.row, facts)
             d = docs / "features" / str(fid)
             d.mkdir(parents=True, exist_ok=True)
             (d / "index.md").write_text(f"# Feature {fid}\n\n" + template.render(f=view), encoding="utf-8")
@@ -148,10 +146,11 @@ def main(n: int = 24576, subset: int = 1024) -> dict:
         "notes": (f"Peer: plain `mkdocs build` of the same page contents as Markdown out of the nav, timed on "
                   f"{subset:,} pages and extrapolated (shell {d['mkdocs_shell_s']} s + {d['mkdocs_per_page_ms']} ms/page "
                   f"× {n:,}); its page weight is measured on those pages. Synthetic examples: 20 top windows of 33 tokens "
-                  f"(24 left, 8 right) + 10 intervals × 5, ~18% of tokens active, tokens ~4.2 characters; a page shows "
-                  f"the top windows in full and {pages.INTERVAL_SAMPLES} sample per interval trimmed to "
-                  f"{sum(pages.INTERVAL_WINDOW) + 1} tokens ({pages.INTERVAL_WINDOW[0]} left, {pages.INTERVAL_WINDOW[1]} "
-                  f"right). Token search: Atlas.tokenEntry(' Once') on search.html, first call (loads the shard) and "
+                  f"(24 left, 8 right) + 10 intervals × 5, ~18% of tokens active, tokens ~4.2 characters; a page's HTML "
+                  f"holds its label, score and statistics, and its data file (atlas/page_data.py) the top windows in "
+                  f"full and {page_data.INTERVAL_SAMPLES} sample per interval trimmed to "
+                  f"{sum(page_data.INTERVAL_WINDOW) + 1} tokens ({page_data.INTERVAL_WINDOW[0]} left, "
+                  f"{page_data.INTERVAL_WINDOW[1]} right); tests/bench/bench_pages.py measures the site's bytes. Token search: Atlas.tokenEntry(' Once') on search.html, first call (loads the shard) and "
                   f"median of 5 warm calls. Load average at the end: {d['load_average_1m_at_end']} on {d['cpus']} "
                   f"CPUs (timings are only comparable on a quiet machine)."),
         "details": d,
