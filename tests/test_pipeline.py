@@ -6,6 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from support import tiny_yaml
+
 from atlas.cli import main
 
 
@@ -13,7 +15,6 @@ from atlas.cli import main
 def built_tiny_run(tiny_world, tmp_path_factory):
     import os
 
-    from conftest import tiny_yaml
 
     work = tmp_path_factory.mktemp("pipeline")
     tiny_yaml(tiny_world, work)
@@ -60,14 +61,16 @@ def test_the_analyser_shows_the_pages_strongest_feature(built_tiny_run):
 
     run = built_tiny_run / "runs" / "tiny"
     parity = json.loads((run / "onnx" / "parity.json").read_text())
-    assert parity["web"]["pages_top1_agreement"] >= 0.97
+    (sae_id, report), = parity["saes"].items()   # a single-SAE run: a suite of one
+    assert report["web"]["pages_top1_agreement"] >= 0.97
     sae = load_sae(run / "sae").float().eval()
-    n = parity["n_contexts"]
-    assert export.pages_agreement(run / "onnx" / "encoder.onnx", run / "activations.h5", sae, n, True) > 0.999
+    n, layer, onnx = parity["n_contexts"], report["layer"], run / "onnx"
+    files = (onnx / "trunk.onnx", onnx / f"{export.encoder_name(sae_id)}.onnx", layer)
+    assert export.pages_agreement(*files, run / "activations.h5", sae, n, True) > 0.999
     other = load_sae(run / "sae").float().eval()
     with torch.no_grad():
         other.W_enc.copy_(other.W_enc[:, torch.randperm(other.W_enc.shape[1], generator=torch.Generator().manual_seed(0))])
-    assert export.pages_agreement(run / "onnx" / "encoder.onnx", run / "activations.h5", other, n, True) < 0.2
+    assert export.pages_agreement(*files, run / "activations.h5", other, n, True) < 0.2
 
 
 @pytest.mark.slow

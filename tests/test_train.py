@@ -11,19 +11,10 @@ from atlas.config import SAEConfig, TrainConfig
 from atlas.errors import AtlasError
 from atlas.train.data import RowStream, tensor_stream
 from atlas.train.trainer import CKPT_FILE, LOG_FILE, geometric_median, lr_at, train_sae
+from support import TRAIN_CFG as TC, TRAIN_SAE as SAE, train_data as data
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def data(n=4096, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 8, generator=g) @ torch.randn(8, d, generator=g) + 1.0
-
-
-SAE = SAEConfig(architecture="topk", d_sae=64, k=4, aux_k=16)
-TC = TrainConfig(batch_size=128, n_tokens=128 * 60, lr=3e-3, warmup_steps=5, checkpoint_every=20,
-                 dead_after_tokens=2000)
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path):

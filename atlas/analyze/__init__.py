@@ -22,31 +22,32 @@ from pathlib import Path
 
 import torch
 
-from atlas import distributed, label_data
+from atlas import distributed
 from atlas.analyze.passes import StreamResult, analyze_stream
 from atlas.analyze.writer import run_metadata, vocab_texts, write_features
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
+from atlas.labels import data as label_data
 from atlas.labels import get_explainer
-from atlas.stage import (atomic_dir, fingerprint, input_digest, is_current, require_finite, rerun, sae_digest,
-                         sha256_file, source_digest)
+from atlas.resources import require_memory
+from atlas.stage import input_digest, open_stage, require_finite, rerun, sae_digest, sha256_file, source_digest
 
 PARTIAL_SUFFIX = ".partial"
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
     a = cfg.analyze
-    store_path, sae_dir, out = cfg.run_dir / "activations.h5", cfg.run_dir / "sae", cfg.run_dir / "features"
+    store_path, sae_dir, out = cfg.store_path, cfg.sae_dir, cfg.features_dir
     inputs = {"store": input_digest(store_path, "collect", cfg), "sae": sae_digest(cfg),
               "sae_metrics": sha256_file(sae_dir / "metrics.json") if (sae_dir / "metrics.json").exists() else "none",
               "model": source_digest(cfg.model.name) + "@" + cfg.model.revision}  # W_U and the vocabulary
-    fp = fingerprint(cfg.section_hash("analyze"), *inputs.values())
-    if is_current(out, fp) and not force:
-        print(f"analyze: {out} is up to date")
+    opening = open_stage("analyze", cfg, out, ("analyze",), inputs, force)
+    if opening.current:
         return out
+    fp = opening.fp
     rank, world = distributed.rank_and_world()
     main = rank == 0
-    get_explainer(a.explainer, a, cfg.run_dir / "llm-cache")  # fail on a bad name or setting before hours of work
+    get_explainer(a.explainer, a, cfg.llm_cache_dir)  # fail on a bad name or setting before hours of work
 
     from atlas.model import load_model, resolve_device
     from atlas.saes import load_sae
@@ -72,20 +73,24 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
             raise AtlasError(f"rank 0 failed: {msg}")
     if error is not None:
         raise error
-    with ActivationStore(store_path, rerun("collect", cfg)) as store:
+    with ActivationStore(store_path, rerun("collect", cfg), layer=cfg.model.layer) as store:
         sae = load_sae(sae_dir, device)
         require_finite(sae.state_dict(), sae_dir / "sae_weights.safetensors",
                        f"run `{rerun('train', cfg)} --force` to retrain it, or import a finite SAE")
         w_dec = sae.W_dec.detach().float()
         if w_dec.shape[1] != store.d_model:
             raise AtlasError(f"{sae_dir}: SAE d_in {w_dec.shape[1]} does not match the store's d_model {store.d_model}")
+        d_sae = w_dec.shape[0]
+        require_memory(4 * d_sae * (2 * a.batch_tokens + 4 * a.histogram_bins + 8),
+                       f"analyze.batch_tokens = {a.batch_tokens:,} with d_sae = {d_sae:,}",
+                       "lower analyze.batch_tokens", device)
         # With torchrun every rank streams its own rows; the merged result is complete on rank 0.
         stream = analyze_stream(store, sparse_encoder(sae), w_dec.shape[0], a, partial, fp, device)
         if main:
             _require_finite_stream(stream, sae_dir)
             labelling = label_data.prepare(store, sparse_encoder(sae), w_dec.shape[0], a, vocab, device,
-                                           cfg.run_dir / "llm-cache")
-            with atomic_dir(out, fp, stage="analyze", inputs=inputs, rerun=rerun("analyze", cfg)) as tmp:
+                                           cfg.llm_cache_dir)
+            with opening.write() as tmp:
                 manifest = write_features(tmp, stream, w_dec, w_u, vocab, a, store.tokens, device, labelling,
                                           sae.latent_groups())
                 manifest.update(run_metadata(cfg, store, sae_dir, w_u is not None))

@@ -14,13 +14,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from atlas import label_data
 from atlas.analyze.features import label_features, logit_effects, neighbours, split_facts
 from atlas.analyze.passes import StreamResult
 from atlas.analyze.windows import window_rows
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
 from atlas.featuremap import UMAP_MIN_FEATURES, map_coordinates
+from atlas.labels import data as label_data
 from atlas.shards import (EXAMPLES_SCHEMA, FEATURES_SCHEMA, GROUP_FIELD, SCHEMA_VERSION, VOCAB_SCHEMA, shard_name,
                           write_table)
 
