@@ -15,7 +15,8 @@ Payload (deflated, then base 85 as Python's `base64.b85encode` writes it, whose 
 escaping in a JS string): a little-endian uint32 n, n bytes of JSON header, then the column
 buffers in header order. Header: {"tables": {"features": TABLE, "examples": TABLE}} where TABLE
 is {"n": rows, "columns": [[name, dtype, list?, inline values or null], …]}: a numeric column
-is a buffer of `n` values of its dtype (u1 u2 u4 i1 i2 i4 f2 f4; floats NaN where null); a list
+is a buffer of `n` values of its dtype (u1 u2 u4 i1 i2 i4 f2 f4; NaN where null, an integer column
+with nulls travelling as f4); a list
 column is a u2 buffer of n lengths, then the values; strings, lists of strings and bools travel
 inline in the header. A float list column whose every row is a geometric (`hist_edges`) or linear
 (`interval_edges`) progression from its first to its last value, exactly as analysis computes it
@@ -97,6 +98,8 @@ def _int_dtype(values: np.ndarray) -> str:
 
 def _numbers(arr: pa.Array, name: str) -> tuple[str, bytes]:
     """A numeric Arrow array as (dtype, little-endian bytes); floats keep nulls as NaN."""
+    if arr.null_count and not pa.types.is_floating(arr.type):   # a nullable integer (e.g. `group`): float32, NaN for null
+        arr = arr.cast(pa.float32())                               # exact for |values| < 2**24, which such columns are
     if pa.types.is_floating(arr.type):
         values = pc.fill_null(arr.cast(pa.float32()), float("nan")).to_numpy(zero_copy_only=False)
         dtype = "f2" if name in HALF_FLOAT else "f4"

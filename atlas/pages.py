@@ -31,7 +31,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from atlas import page_data, shards
-from atlas.label_rules import Rule
+from atlas.labels.rules import Rule
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 SKELETON = "__atlas_skeleton__"
@@ -246,7 +246,6 @@ class SiteFacts:
 
     n_features: int
     labels: list[str]
-    has_logits: bool
     vocab: list[str]
     group_size: int = page_data.GROUP
     """Features per shared data file (page_data.group_size of the shard size)."""
@@ -290,7 +289,7 @@ def _known(x) -> bool:
 
 
 def score_view(precision, recall, f1, matched: int, fired: int, scoring: str, is_dead: bool) -> dict | None:
-    """A label's held-out score (atlas/label_scores.py) in plain words; None for a dead feature."""
+    """A label's held-out score (atlas/labels/scores.py) in plain words; None for a dead feature."""
     if is_dead:
         return None
     if not _known(f1):
@@ -407,34 +406,34 @@ def render_shard(features_path: str) -> dict:
         d.mkdir(exist_ok=True)
         (d / "index.html").write_text(page, encoding="utf-8")
 
-    # the token search index: the marked token of every top example
-    top = examples.filter(pc.equal(examples["kind"], "top")).select(["feature_id", "offset", "window_start",
-                                                                     "token_ids", "activation"])
-    by_feature: dict[int, list] = {}
-    tok_t, tok_f, tok_a = [], [], []
-    for e in top.to_pylist():
-        mark = e["offset"] - e["window_start"]
-        if 0 <= mark < len(e["token_ids"]):
-            t = e["token_ids"][mark]
-            by_feature.setdefault(e["feature_id"], []).append(t)
-            tok_t.append(t)
-            tok_f.append(e["feature_id"])
-            tok_a.append(e["activation"])
-    ids = table.column("feature_id").to_pylist()
-    top_token, consistency = [], []
-    for fid in ids:
-        marked = by_feature.get(fid)
-        if marked:
-            vals, cnt = np.unique(marked, return_counts=True)
-            top_token.append(int(vals[cnt.argmax()]))
-            consistency.append(float(cnt.max() / len(marked)))
-        else:
-            top_token.append(-1)
-            consistency.append(0.0)
-    return {"ids": np.array(ids, np.int32),
-            "top_token": np.array(top_token, np.int32), "consistency": np.array(consistency, np.float32),
-            "tok_token": np.array(tok_t, np.int32), "tok_feature": np.array(tok_f, np.int32),
-            "tok_act": np.array(tok_a, np.float32)}
+    # the token search index: the marked token of every top example; a feature's most common one
+    top = examples.filter(pc.equal(examples["kind"], "top")).combine_chunks()
+    ids = table.column("feature_id").to_numpy()
+    tok_t = np.zeros(0, np.int32)
+    tok_f, tok_a = tok_t, np.zeros(0, np.float32)
+    if top.num_rows:
+        windows = top.column("token_ids").chunk(0)
+        starts = windows.offsets.to_numpy()[:-1].astype(np.int64)
+        lengths = np.diff(windows.offsets.to_numpy()).astype(np.int64)
+        mark = (top.column("offset").to_numpy() - top.column("window_start").to_numpy()).astype(np.int64)
+        ok = (mark >= 0) & (mark < lengths)
+        flat = windows.flatten().to_numpy()
+        tok_t = flat[(starts + mark)[ok]].astype(np.int32)
+        tok_f = top.column("feature_id").to_numpy()[ok].astype(np.int32)
+        tok_a = top.column("activation").to_numpy()[ok].astype(np.float32)
+    top_token = np.full(len(ids), -1, np.int32)
+    consistency = np.zeros(len(ids), np.float32)
+    if len(tok_t):
+        pairs, counts = np.unique(np.stack([tok_f, tok_t], 1), axis=0, return_counts=True)
+        per_feature = np.bincount(tok_f, minlength=int(ids.max()) + 1)
+        order = np.lexsort((-counts, pairs[:, 0]))                # per feature: most common token first
+        first = order[np.unique(pairs[order, 0], return_index=True)[1]]
+        sorter = np.argsort(ids)
+        where = sorter[np.searchsorted(ids, pairs[first, 0], sorter=sorter)]
+        top_token[where] = pairs[first, 1]
+        consistency[where] = counts[first] / per_feature[pairs[first, 0]]
+    return {"ids": ids.astype(np.int32), "top_token": top_token, "consistency": consistency,
+            "tok_token": tok_t, "tok_feature": tok_f, "tok_act": tok_a}
 
 
 def render_all(features_dir: Path, site: Path, skeleton: Skeleton, facts: SiteFacts, workers: int | None = None,

@@ -1,7 +1,8 @@
 """The site's own compact indexes, loaded on demand by site_src/js/ (never MkDocs' search).
 
 - `data/features.js`: every feature as columnar arrays (label, its score, density, max
-  activation, map coordinates, flags, top token) for the explorer, the map and label search;
+  activation, map coordinates, flags, top token; `group`, the Matryoshka nesting level, when the
+  SAE has one, else null) for the explorer, the map and label search;
 - `data/tokens/NN.js`: which features fire hardest on a token, sharded by FNV-1a of the token
   text (site_src/js/atlas-data.js computes the same hash), built from the token at the marked
   position of each feature's top examples.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from atlas import shards
 
@@ -45,11 +47,13 @@ class FeatureTable:
     is_dead: np.ndarray
     is_dense: np.ndarray
     label_f1: np.ndarray
-    """The label's held-out F1 (atlas/label_scores.py); NaN where not scored."""
+    """The label's held-out F1 (atlas/labels/scores.py); NaN where not scored."""
     label_precision: np.ndarray
     label_recall: np.ndarray
     heldout_fired: np.ndarray
     """Held-out tokens (contexts, for detection) the feature fired on: how much evidence the score rests on."""
+    group: np.ndarray
+    """Matryoshka nesting level (0: the first prefix); -1 where the SAE has none."""
 
     @property
     def n(self) -> int:
@@ -66,13 +70,19 @@ def read_feature_table(features_dir: Path) -> FeatureTable:
         from atlas.errors import AtlasError
 
         raise AtlasError(f"{features_dir}: no features-*.parquet shards; run `atlas analyze` first")
-    cols = {c: [] for c in COLUMNS}
+    cols = {c: [] for c in [*COLUMNS, shards.GROUP_FIELD.name]}
     for p in paths:
         t = shards.read_table(p, shards.FEATURES_SCHEMA).select(COLUMNS)
-        for c in COLUMNS:
+        name = shards.GROUP_FIELD.name  # optional: only an SAE of nested prefixes has it
+        group = (pq.read_table(p, columns=[name]).column(name) if name in pq.read_schema(p).names
+                 else pa.nulls(len(t), shards.GROUP_FIELD.type))
+        t = t.append_column(name, group)
+        for c in [*COLUMNS, name]:
             col = t.column(c)
             if c == "label":
                 cols[c].append(col.to_pylist())
+            elif c == "group":                      # null (no nesting) reads as -1
+                cols[c].append(col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64))
             elif col.type == pa.float32():          # nullable scores: null reads as NaN
                 cols[c].append(col.to_numpy(zero_copy_only=False).astype(np.float64))
             else:
@@ -84,7 +94,8 @@ def read_feature_table(features_dir: Path) -> FeatureTable:
     return FeatureTable(ids[order], [labels_all[i] for i in order], pick("density").astype(np.float64),
                         pick("max_act").astype(np.float64), pick("map_x"), pick("map_y"),
                         pick("is_dead").astype(bool), pick("is_dense").astype(bool), pick("label_f1"),
-                        pick("label_precision"), pick("label_recall"), pick("heldout_fired").astype(np.int64))
+                        pick("label_precision"), pick("label_recall"), pick("heldout_fired").astype(np.int64),
+                        pick("group"))
 
 
 def _round(a: np.ndarray, digits: int = 4) -> list:
@@ -125,6 +136,7 @@ def write_features(data_dir: Path, table: FeatureTable, top_token: np.ndarray, v
         "x": _round(dense(table.map_x), 4), "y": _round(dense(table.map_y), 4), "flags": flags.tolist(),
         "f1": _score(dense(table.label_f1, np.nan)),
         "top_token": tokens,
+        "group": dense(table.group, -1).tolist() if (table.group >= 0).any() else None,
     })
 
 

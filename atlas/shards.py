@@ -27,7 +27,7 @@ FEATURES_SCHEMA = pa.schema([
     ("feature_id", pa.int32()),
     ("label", pa.string()),                      # short readable label from the evidence
     ("label_source", pa.string()),               # which explainer wrote it, e.g. "bigram"
-    ("label_rule", pa.string()),                 # the label as a checkable rule (JSON, atlas/label_rules.py); "" for free text
+    ("label_rule", pa.string()),                 # the label as a checkable rule (JSON, atlas/labels/rules.py); "" for free text
     ("label_precision", pa.float32()),           # held-out: share of the label's matches on which the feature fires
     ("label_recall", pa.float32()),              # held-out: share of the feature's activation on the label's matches
     ("label_f1", pa.float32()),                  # their harmonic mean; null: not scored (never fired on held-out data)
@@ -52,6 +52,9 @@ FEATURES_SCHEMA = pa.schema([
     ("is_dead", pa.bool_()),                     # never fired on the analysed tokens
     ("is_dense", pa.bool_()),                    # density above analyze.dense_threshold
 ])
+GROUP_FIELD = pa.field("group", pa.int16())
+"""An optional column after FEATURES_SCHEMA's, written only for an SAE trained as nested prefixes
+(Matryoshka): each feature's nesting level, 0 for the first prefix. Readers look for it."""
 
 EXAMPLES_SCHEMA = pa.schema([
     ("feature_id", pa.int32()),

@@ -127,10 +127,10 @@ def open_browser():
 # ---------------------------------------------------------------- what the analyser should show
 
 
-def ort_reference(site: Path, text: str) -> dict:
-    """Python onnxruntime on the site's own web file, as the browser runs it: token ids (BOS first,
-    truncated to the maximum), top_ids/top_acts [seq, k] and n_active [seq] (None when the export
-    has no such output)."""
+def ort_reference(site: Path, text: str, sae_id: str = "") -> dict:
+    """Python onnxruntime on the site's own web files, as the browser runs them (the trunk, then SAE
+    `sae_id`'s encoder, default the first): token ids (BOS first, truncated to the maximum),
+    top_ids/top_acts [seq, k] and n_active [seq] (None when the export has no such output)."""
     import json
 
     import numpy as np
@@ -143,11 +143,13 @@ def ort_reference(site: Path, text: str) -> dict:
     ids = ([meta["bos_token_id"]] + ids if meta["prepend_bos"] else ids)[: meta["max_tokens"]]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = 1, 3
-    sess = ort.InferenceSession(str(site / "onnx" / meta["onnx"]), opts, providers=["CPUExecutionProvider"])
-    names = meta["outputs"]
+    trunk, sae = meta["trunk"], next((s for s in meta["saes"] if s["id"] == sae_id), meta["saes"][0])
+    session = lambda f: ort.InferenceSession(str(site / "onnx" / f), opts, providers=["CPUExecutionProvider"])  # noqa: E731
+    (resid,) = session(trunk["onnx"]).run([sae["input"]["from"]], {trunk["input"]["name"]: np.asarray([ids], np.int32)})
+    names = sae["outputs"]
     wanted = [names["ids"], names["acts"]] + ([names["n_active"]] if "n_active" in names else [])
-    out = sess.run(wanted, {meta["input"]["name"]: np.asarray([ids], dtype=np.int32)})
-    return {"ids": ids, "k": meta["top_k"], "top_ids": out[0][0], "top_acts": out[1][0],
+    out = session(sae["onnx"]).run(wanted, {sae["input"]["name"]: resid})
+    return {"ids": ids, "k": sae["top_k"], "top_ids": out[0][0], "top_acts": out[1][0],
             "n_active": out[2][0] if len(out) > 2 else None}
 
 

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 
 from browser import check_heatmap, close, ort_reference, serve
-from test_export import export_tiny
+from support import export_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; worker-src 'self'; "
@@ -35,7 +35,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.skipif(not (ROOT / "node_modules/
 
 def assemble_site(site: Path, onnx_dir: Path, labels: list[str] | None = None) -> Path:
     """A minimal site: js/, assets/vendor/ (site_src/vendor.json), onnx/, prompt.html, features/N/index.html
-    (a try box for every feature)."""
+    (a try box for every feature) and data/features.js with `labels`; for a suite, the features and
+    data of each SAE under <id>/ (the layout model.js saePages assumes)."""
     for dest, src in json.loads((ROOT / "site_src/vendor.json").read_text()).items():
         (site / dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / src, site / dest)
@@ -47,15 +48,18 @@ def assemble_site(site: Path, onnx_dir: Path, labels: list[str] | None = None) -
     md = (ROOT / "site_src/prompt.md").read_text()
     body = md[md.index("<section"):]
     (site / "prompt.html").write_text(PAGE.format(csp=CSP, title="Prompt analyser", body=body))
-    for fid in range(meta["d_sae"]):
-        d = site / "features" / str(fid)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "index.html").write_text(PAGE.format(csp=CSP, title=f"Feature {fid}", body=(
-            f'<section class="atlas-try" data-feature-id="{fid}" data-root="../.."></section>'
-            '<script type="module" src="../../js/analyser/try.js"></script>')))
-    if labels is not None:
-        (site / "data").mkdir(exist_ok=True)
-        (site / "data/features.js").write_text(f'Atlas.loaded("features",{json.dumps({"label": labels})});\n')
+    for sae in meta["saes"]:
+        pages = site / sae["id"] if len(meta["saes"]) > 1 else site
+        up = "../../.." if len(meta["saes"]) > 1 else "../.."
+        for fid in range(sae["d_sae"]):
+            d = pages / "features" / str(fid)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "index.html").write_text(PAGE.format(csp=CSP, title=f"Feature {fid}", body=(
+                f'<section class="atlas-try" data-feature-id="{fid}" data-sae="{sae["id"]}" data-root="{up}"></section>'
+                f'<script type="module" src="{up}/js/analyser/try.js"></script>')))
+        if labels is not None:
+            (pages / "data").mkdir(exist_ok=True)
+            (pages / "data/features.js").write_text(f'Atlas.loaded("features",{json.dumps({"label": labels})});\n')
     return site
 
 
@@ -87,7 +91,7 @@ def test_prompt_page_matches_python(browser, site, url):
     Python onnxruntime gives on the same file, and the page says how much of it the browser sees."""
     import onnx
 
-    ops = {n.op_type for n in onnx.load(site / "onnx/encoder.web.onnx", load_external_data=False).graph.node}
+    ops = {n.op_type for n in onnx.load(site / "onnx/trunk.web.onnx", load_external_data=False).graph.node}
     assert "GatherBlockQuantized" in ops
     page = browser.new_page()
     page.goto(url + "prompt.html")
@@ -226,8 +230,8 @@ def test_two_sites_on_one_origin_keep_their_caches(browser, site, tmp_path):
         analyse(page, "The cat sat.")
         held = page.evaluate(CACHES)
         assert set(held) == {_cache_name("/a/", "a-build-1"), "feature-atlas-model-old-b"}, held
-        assert set(held[_cache_name("/a/", "a-build-1")]) == {"/a/onnx/model.json", "/a/onnx/encoder.web.onnx",
-                                                             "/a/onnx/tokenizer.json"}
+        assert set(held[_cache_name("/a/", "a-build-1")]) == {"/a/onnx/model.json", "/a/onnx/trunk.web.onnx",
+                                                             "/a/onnx/encoder-L2.web.onnx", "/a/onnx/tokenizer.json"}
         page = browser.new_page(context)
         page.goto(ub + "prompt.html")
         analyse(page, "The cat sat.")
@@ -258,3 +262,56 @@ def test_file_url_explains_local_server(browser, site):
     page.wait_for_load_state("load")
     notice = page.inner_text(".atlas-needs-server")  # static: Chromium runs no module from file://
     assert "python -m http.server" in notice and page.is_disabled(".atlas-prompt-form button")
+
+
+# ---------------------------------------------------------------- a suite: every layer
+
+
+@pytest.fixture(scope="module")
+def suite_site(tiny_suite_onnx, tmp_path_factory):
+    """The tiny suite (test_export.SUITE: layers 1, 2 (two widths) and 3) as a minimal site."""
+    return assemble_site(tmp_path_factory.mktemp("suite-site"), tiny_suite_onnx, [f"label <i>{i}</i>" for i in range(512)])
+
+
+def test_every_layer_matches_python(browser, suite_site):
+    """The cross-layer view: one row per SAE, one column per token; each cell's three strongest
+    features are what Python onnxruntime computes on the same trunk and encoder files, linked to
+    that SAE's pages. The trunk is downloaded once; each encoder once, when first needed."""
+    from support import SUITE
+
+    text = "Tom met Lily in the park. They played with a red ball."
+    with serve({PREFIX: suite_site}) as server:
+        url = server.url(PREFIX)
+        page = browser.new_page()
+        page.goto(url + "prompt.html")
+        analyse(page, text)
+        rows = page.query_selector_all(".atlas-layer-table tbody tr")
+        assert [r.get_attribute("data-sae") for r in rows] == [i for i, _, _ in SUITE]
+        for row in rows:
+            sae_id = row.get_attribute("data-sae")
+            ref = ort_reference(suite_site, text, sae_id)
+            cells = row.query_selector_all("td")
+            assert len(cells) == len(ref["ids"]) - 1                   # BOS left out
+            for cell in cells:
+                t = int(cell.get_attribute("data-index"))
+                links = cell.query_selector_all("a")
+                want = [(int(i), float(a)) for i, a in zip(ref["top_ids"][t][:3], ref["top_acts"][t][:3]) if a > 0]
+                got = [(int(a.get_attribute("data-feature-id")), float(a.get_attribute("data-act"))) for a in links]
+                assert len(got) == len(want), (sae_id, t)
+                for (gi, ga), (wi, wa) in zip(got, want):
+                    assert close(ga, wa), (sae_id, t, got, want)
+                    # a near-tie may swap two ids between the two runtimes, nothing else
+                    assert gi == wi or any(close(wa, float(a)) for a in ref["top_acts"][t] if a != wa), (sae_id, t, got, want)
+                assert all(a.evaluate("a => a.href") == f"{url}{sae_id}/features/{i}/index.html"
+                           for a, (i, _) in zip(links, got))
+        # the layers × tokens table's headers are the tokens, as text
+        assert page.query_selector(".atlas-layer-table b, .atlas-layer-table i") is None
+        onnx_requests = [u[len(url):] for u in page.requests if "/onnx/" in u]
+        assert sorted(onnx_requests) == sorted(["onnx/model.json", "onnx/trunk.web.onnx", "onnx/tokenizer.json"]
+                                               + [f"onnx/encoder-{i}.web.onnx" for i, _, _ in SUITE])
+        assert browser.external_requests == [] and page.console_errors == [] and page.failed == []
+        # a feature page of one SAE runs that SAE's encoder
+        page = _try(browser, url + "L3/", 5, text)
+        ref = ort_reference(suite_site, text, "L3")
+        check_heatmap(page.query_selector_all(".atlas-try .atlas-token"), ref, 5)
+        assert not server.stray, server.stray

@@ -1,4 +1,5 @@
-"""`atlas export`: the ONNX encoder against PyTorch, the web file's gate, file splitting, and the browser tokenizer."""
+"""`atlas export`: the trunk and encoder files against PyTorch for a tiny suite (three layers, a width
+family at one), the web files' gate, file splitting, and the browser tokenizer."""
 
 from __future__ import annotations
 
@@ -18,68 +19,12 @@ from atlas.export.quantization import (EMBED_BLOCK, RARE_EMBED_BLOCK, _quantize_
 from atlas.config import WEB_QUANTIZATIONS, RunConfig
 from atlas.errors import AtlasError
 from atlas.model import load_model
+from support import D_SAE, LAYER, SUITE, corpus_frequency, export_tiny, make_sae, single, suite_saes, tiny_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYER, D_SAE = 2, 256
 TRICKY = ["Hello world", " leading space", "  two spaces", "new\nline", "\n\ntwo newlines\n", "tab\there",
           "café naïve résumé", "日本語のテキスト", "emoji 🙂👍🏽 and flags 🇫🇷", "<|endoftext|>", "a<|endoftext|>b",
           "<script>alert(1)</script>", "numbers 12345 3.14", "don't won't it's", "", " "]
-
-
-class StandInSAE(nn.Module):
-    """A ReLU SAE encoder with fixed random weights, the shape `atlas.saes` SAEs have."""
-
-    def __init__(self, d_in: int, d_sae: int, seed: int = 0, b_dec: torch.Tensor | None = None):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.W_enc = nn.Parameter(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-        self.b_enc = nn.Parameter(torch.randn(d_sae, generator=g) * 0.1)
-        self.W_dec = nn.Parameter(self.W_enc.data.T.clone())
-        self.b_dec = nn.Parameter(torch.zeros(d_in) if b_dec is None else b_dec.clone())
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def encode_top(self, x: torch.Tensor, k: int):
-        from atlas.saes.base import top_of_dense
-
-        return top_of_dense(self.encode(x), k)
-
-
-def make_sae(d_in: int, d_sae: int = D_SAE, b_dec: torch.Tensor | None = None) -> nn.Module:
-    return StandInSAE(d_in, d_sae, b_dec=b_dec).eval().requires_grad_(False)
-
-
-def tiny_cfg(world: Path, quantization: str = "auto", min_top1: float = 0.97, min_overlap: float = 0.95) -> RunConfig:
-    cfg = RunConfig()
-    cfg.model.name, cfg.model.layer = str(world / "model"), LAYER
-    cfg.corpus.dataset = str(world / "corpus.jsonl")
-    cfg.export.quantization = quantization
-    cfg.export.min_top1_agreement, cfg.export.min_topk_overlap = min_top1, min_overlap
-    return cfg
-
-
-def export_tiny(world: Path, out: Path, quantization: str = "auto", min_top1: float = 0.97,
-                min_overlap: float = 0.95, sae: nn.Module | None = None) -> Path:
-    """Export the tiny world's model (layer 2) plus a stand-in SAE into `out`; returns `out`."""
-    cfg = tiny_cfg(world, quantization, min_top1, min_overlap)
-    loaded = load_model(cfg.model.name)
-    out.mkdir(parents=True, exist_ok=True)
-    export.export_dir(out, loaded, sae or make_sae(loaded.d_model), cfg, "test", export.parity_contexts(cfg, loaded),
-                      corpus_frequency(world, loaded))
-    return out
-
-
-def corpus_frequency(world: Path, loaded) -> np.ndarray:
-    """Token ids by falling frequency in the world's corpus: what a run's store gives `frequent_tokens`."""
-    texts = [json.loads(line)["text"] for line in (world / "corpus.jsonl").read_text().splitlines()]
-    counts = np.bincount(np.concatenate([loaded.tokenizer(t)["input_ids"] for t in texts]))
-    return np.argsort(-counts, kind="stable")[:int((counts > 0).sum())]
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_world, tmp_path_factory):
-    return export_tiny(tiny_world, tmp_path_factory.mktemp("onnx"))
 
 
 @pytest.fixture(scope="module")
@@ -87,40 +32,83 @@ def loaded(tiny_world):
     return load_model(str(tiny_world / "model"))
 
 
-def torch_topk(loaded, ids: list[int], k: int = 32) -> export.Encoded:
-    graph = export.EncoderGraph(loaded.truncated(LAYER), make_sae(loaded.d_model), k).eval()
+@pytest.fixture(scope="module")
+def exported(tiny_suite_onnx):
+    """The tiny suite's onnx/ folder."""
+    return tiny_suite_onnx
+
+
+def torch_topk(loaded, ids: list[int], sae_id: str = "L2-256", k: int = 32) -> export.Encoded:
+    """PyTorch's top k for SAE `sae_id` of the tiny suite: its own truncated model, not the trunk."""
+    s = next(s for s in suite_saes(loaded.d_model) if s.id == sae_id)
+    graph = export.EncoderGraph(loaded.truncated(s.layer), s.sae, k).eval()
     return export.torch_outputs(graph, [ids])
 
 
-def hook_residual(loaded, ids: list[int]) -> torch.Tensor:
-    """The residual before block LAYER from the full model's hidden states (not TruncatedModel)."""
+def run_files(folder: Path, sae_id: str, ids: list[int], web: bool = False) -> export.Encoded:
+    """The trunk then SAE `sae_id`'s encoder, full precision or web files, on one sequence."""
+    layer = next(layer for i, layer, _ in SUITE + [(f"L{LAYER}", LAYER, D_SAE)] if i == sae_id)
+    ext = ".web.onnx" if web else ".onnx"
+    return export.run_split(export.session(folder / f"trunk{ext}"),
+                            export.session(folder / f"{export.encoder_name(sae_id)}{ext}"), layer, ids)
+
+
+def hook_residual(loaded, ids: list[int], layer: int = LAYER) -> torch.Tensor:
+    """The residual before block `layer` from the full model's hidden states (not TruncatedModel)."""
     with torch.no_grad():
-        return loaded.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER][0]
+        return loaded.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
 
 
 def test_files_and_metadata(exported):
     meta = json.loads((exported / "model.json").read_text())
-    for f in meta["files"] + ["encoder.onnx", "parity.json", "model.json"]:
+    for f in meta["files"] + ["trunk.onnx", "parity.json", "model.json"] + [f"encoder-{i}.onnx" for i, _, _ in SUITE]:
         assert (exported / f).is_file(), f
-    assert meta["onnx"] == "encoder.web.onnx" and "tokenizer.json" in meta["files"]
-    assert meta["top_k"] == 32 and meta["d_sae"] == D_SAE and meta["layer"] == LAYER
-    assert meta["max_tokens"] == 128 and meta["prepend_bos"] is True
-    assert meta["outputs"] == {"ids": "top_ids", "acts": "top_acts", "n_active": "n_active"}
+    assert meta["format"] == 2 and meta["max_tokens"] == 128 and meta["prepend_bos"] is True
+    trunk = meta["trunk"]
+    assert trunk["onnx"] == "trunk.web.onnx" and trunk["files"] == ["trunk.web.onnx", *trunk["external_data"], "tokenizer.json"]
+    assert trunk["outputs"] == {"1": "resid_1", "2": "resid_2", "3": "resid_3"}  # one per hook layer, not per SAE
+    assert [(s["id"], s["layer"], s["d_sae"]) for s in meta["saes"]] == SUITE
+    for s in meta["saes"]:
+        assert s["onnx"] == f"encoder-{s['id']}.web.onnx" and s["top_k"] == 32
+        assert s["input"] == {"name": "resid", "from": f"resid_{s['layer']}"}
+        assert s["outputs"] == {"ids": "top_ids", "acts": "top_acts", "n_active": "n_active"}
+        assert s["bytes"] == sum((exported / f).stat().st_size for f in s["files"])
     assert meta["total_bytes"] == sum((exported / f).stat().st_size for f in meta["files"])
     assert all((exported / f).stat().st_size <= export.files.MAX_FILE_BYTES for f in meta["files"])
 
 
+def test_trunk_runs_the_blocks_once(exported):
+    """The trunk emits every hook's residual from one pass: the MatMuls of blocks 0..2 (4 each in
+    GPT-2), once, however many SAEs and layers read it; an encoder holds only its SAE."""
+    import onnx
+
+    def weight_matmuls(model) -> int:
+        weights = {t.name for t in model.graph.initializer}
+        return sum(n.op_type == "MatMul" and n.input[1] in weights for n in model.graph.node)
+
+    trunk = onnx.load(exported / "trunk.onnx")
+    assert weight_matmuls(trunk) == 3 * 4
+    assert [o.name for o in trunk.graph.output] == ["resid_1", "resid_2", "resid_3"]
+    enc = onnx.load(exported / "encoder-L2-512.onnx")
+    assert [i.name for i in enc.graph.input] == ["resid"] and weight_matmuls(enc) == 1
+
+
 def test_parity_report_records_the_choice(exported):
     report = json.loads((exported / "parity.json").read_text())
-    assert report["full"]["ok"] and report["full"]["ids_match"] >= 0.999 and report["full"]["max_rel_err"] <= 1e-4
     assert report["requested"] == "auto" and report["quantization"] in export.QUANTIZATIONS
-    modes = list(report["modes"])
-    assert modes == list(export.QUANTIZATIONS)[:len(modes)]  # tried smallest first, up to the choice
-    assert modes[-1] == report["quantization"] and report["web"] == report["modes"][modes[-1]]
-    assert all(not report["modes"][m]["ok"] for m in modes[:-1]) and report["web"]["ok"]
-    assert report["web"]["top1_agreement"] >= 0.97 and report["web"]["topk_overlap"] >= 0.95
-    assert report["web"]["bytes"] == report["total_bytes"]
-    assert report["n_contexts"] == 16 and report["full"]["n_tokens"] > 100
+    modes = report["modes_tried"]
+    assert modes == list(export.QUANTIZATIONS)[:len(modes)] and modes[-1] == report["quantization"]
+    assert list(report["saes"]) == [i for i, _, _ in SUITE]
+    for sae_id, r in report["saes"].items():
+        assert r["full"]["ok"] and r["full"]["ids_match"] >= 0.999 and r["full"]["max_rel_err"] <= 1e-4, sae_id
+        assert list(r["modes"]) == modes and r["web"] == r["modes"][modes[-1]]
+        assert r["web"]["ok"] and r["web"]["top1_agreement"] >= 0.97 and r["web"]["topk_overlap"] >= 0.95, sae_id
+        assert r["web"]["bytes"] == r["encoder_bytes"]
+    for m in modes[:-1]:  # a mode passes only when every SAE passes
+        assert not all(r["modes"][m]["ok"] for r in report["saes"].values())
+    assert report["n_contexts"] == 16 and report["n_tokens"] > 100
+    meta = json.loads((exported / "model.json").read_text())
+    assert report["first_analysis_bytes"] == meta["trunk"]["bytes"] + max(s["bytes"] for s in meta["saes"])
 
 
 def test_config_names_every_mode():
@@ -132,27 +120,29 @@ def test_config_names_every_mode():
 def test_full_precision_matches_torch_at_any_length(exported, loaded, n):
     rng = np.random.default_rng(n)
     ids = [loaded.bos_token_id] + rng.integers(0, loaded.tokenizer.vocab_size, n - 1).tolist()
-    got = export.run_session(export.session(exported / "encoder.onnx"), ids)
-    assert got.top_ids.shape == (n, 32) and got.top_ids.dtype == np.int32
-    assert got.n_active.shape == (n,) and got.n_active.dtype == np.int32
-    r = export.compare(torch_topk(loaded, ids), got)
-    assert r["ids_match"] == 1.0 and r["max_rel_err"] < 1e-4 and r["n_active_match"] == 1.0
+    for sae_id, _, _ in SUITE:
+        got = run_files(exported, sae_id, ids)
+        assert got.top_ids.shape == (n, 32) and got.top_ids.dtype == np.int32
+        assert got.n_active.shape == (n,) and got.n_active.dtype == np.int32
+        r = export.compare(torch_topk(loaded, ids, sae_id), got)
+        assert r["ids_match"] == 1.0 and r["max_rel_err"] < 1e-4 and r["n_active_match"] == 1.0, sae_id
 
 
 def test_n_active_counts_all_latents(exported, loaded):
     """n_active is the dense count of latents > 0, checked against the full model's hidden states
-    and a dense PyTorch encode; this ReLU SAE has far more than k active latents."""
+    and a dense PyTorch encode; these ReLU SAEs have far more than k active latents."""
     ids = export.encode_with_bos(loaded, "Once upon a time, there was a little dog named Max.", 128)
-    dense = (make_sae(loaded.d_model).encode(hook_residual(loaded, ids)) > 0).sum(-1).numpy()
-    assert dense.min() > 32  # more active latents than the top k shows
-    full = export.run_session(export.session(exported / "encoder.onnx"), ids)
-    assert np.array_equal(full.n_active, dense)
-    web = export.run_session(export.session(exported / "encoder.web.onnx"), ids)
-    assert np.abs(web.n_active - dense).mean() < 0.02 * dense.mean()
+    for s in suite_saes(loaded.d_model):
+        dense = (s.sae.encode(hook_residual(loaded, ids, s.layer)) > 0).sum(-1).numpy()
+        assert dense.min() > 32  # more active latents than the top k shows
+        assert np.array_equal(run_files(exported, s.id, ids).n_active, dense), s.id
+        web = run_files(exported, s.id, ids, web=True)
+        assert np.abs(web.n_active - dense).mean() < 0.02 * dense.mean(), s.id
 
 
-def test_web_weights_are_dequantised_once_at_load(exported, tmp_path):
-    """The web file stores weights as integers; onnxruntime folds the nodes that rebuild them when
+@pytest.mark.parametrize("stem, n_weights", [("trunk", 3 * 4), ("encoder-L2-512", 1)])
+def test_web_weights_are_dequantised_once_at_load(exported, tmp_path, stem, n_weights):
+    """The web files store weights as integers; onnxruntime folds the nodes that rebuild them when
     the session opens, leaving float MatMuls on float activations with exactly the weights
     `dequantized_weight` computes (nothing is quantised per call)."""
     import onnx
@@ -160,23 +150,26 @@ def test_web_weights_are_dequantised_once_at_load(exported, tmp_path):
     from onnx import numpy_helper
 
     q = export.QUANTIZATIONS[json.loads((exported / "parity.json").read_text())["quantization"]]
-    web = onnx.load(exported / "encoder.web.onnx")
+    web = onnx.load(exported / f"{stem}.web.onnx")
     ops = [n.op_type for n in web.graph.node]
     assert not {"MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "DequantizeLinear"} & set(ops)
     bits = sorted({a.name: a.i for a in n.attribute}["bits"] for n in web.graph.node if n.op_type == "GatherBlockQuantized")
-    assert bits == ([4, 8] if q.embedding_bits == 4 and q.frequent_tokens else [q.embedding_bits])
+    if stem == "trunk":
+        assert bits == ([4, 8] if q.embedding_bits == 4 and q.frequent_tokens else [q.embedding_bits])
+    else:
+        assert bits == []  # no token embedding in an encoder
     assert not any(t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 4096 for t in web.graph.initializer)
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     opts.log_severity_level = 3
-    ort.InferenceSession(str(exported / "encoder.web.onnx"), opts, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(exported / f"{stem}.web.onnx"), opts, providers=["CPUExecutionProvider"])
     optimized = onnx.load(tmp_path / "optimized.onnx")
     assert not {"Cast", "Sub"} & {n.op_type for n in optimized.graph.node if n.input[0].endswith(("_q_int", "_q_zp"))}
     folded = {t.name: numpy_helper.to_array(t) for t in optimized.graph.initializer}
-    full = onnx.load(exported / "encoder.onnx")
+    full = onnx.load(exported / f"{stem}.onnx")
     weights = {n.input[1] for n in full.graph.node if n.op_type == "MatMul"}
     checked = [t.name for t in full.graph.initializer if t.name in weights]
-    assert len(checked) == 2 * 4 + 1  # 2 blocks x 4 MatMuls, and the SAE encoder
+    assert len(checked) == n_weights
     for t in full.graph.initializer:
         if t.name in weights:
             assert np.array_equal(folded[t.name], dequantized_weight(numpy_helper.to_array(t), q.weight_block)), t.name
@@ -194,25 +187,26 @@ def test_dequantized_weight_error_is_half_a_step(block):
     assert (np.abs(deq - w) <= bound).all() and np.abs(deq - w).max() > 0.3 * step.min()
 
 
-def test_web_file_is_close_to_torch(exported, loaded):
+def test_web_files_are_close_to_torch(exported, loaded):
     ids = export.encode_with_bos(loaded, "Once upon a time, there was a little dog named Max.", 128)
-    r = export.compare(torch_topk(loaded, ids), export.run_session(export.session(exported / "encoder.web.onnx"), ids))
-    assert r["topk_overlap"] > 0.9
+    for sae_id, _, _ in SUITE:
+        assert export.compare(torch_topk(loaded, ids, sae_id), run_files(exported, sae_id, ids, web=True))["topk_overlap"] > 0.9
 
 
 def test_files_hold_no_local_paths(exported):
     """torch's exporter records each node's source location; the published files must not carry
     the paths of the machine that exported them."""
     root = str(Path(__file__).resolve().parent.parent).encode()
-    for f in exported.glob("encoder*.onnx*"):
+    for f in [*exported.glob("encoder*.onnx*"), *exported.glob("trunk*.onnx*")]:
         data = f.read_bytes()
         assert root not in data and b"site-packages" not in data and b".py:" not in data, f.name
 
 
 def test_model_json_lists_only_what_the_browser_loads(exported):
     meta = json.loads((exported / "model.json").read_text())
-    assert meta["files"] == [meta["onnx"], *meta["external_data"], meta["tokenizer"]]
-    assert not {"encoder.onnx", "parity.json", "model.json", "stamp.json"} & set(meta["files"])
+    assert meta["files"] == meta["trunk"]["files"] + [f for s in meta["saes"] for f in s["files"]]
+    assert all(s["files"] == [s["onnx"], *s["external_data"]] for s in meta["saes"])
+    assert not {f for f in meta["files"] if not f.endswith((".web.onnx", "tokenizer.json")) and ".web.onnx.data" not in f}
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -316,13 +310,34 @@ def massive_world(tiny_world, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def massive_sae(massive_world):
-    """A stand-in SAE whose b_dec is the residual's median, as a trained SAE's is: the constant
-    every-token dimensions are subtracted before the encoder, the first token's are not."""
+def massive_saes(massive_world) -> list[export.SaeToExport]:
+    """Stand-in SAEs at layers 1 and 2 whose b_dec is the residual's median there, as a trained
+    SAE's is: the constant every-token dimensions are subtracted before the encoder, the first
+    token's are not."""
     loaded = load_model(str(massive_world / "model"))
     contexts = export.parity_contexts(tiny_cfg(massive_world), loaded)
-    resid = torch.cat([hook_residual(loaded, ids)[1:] for ids in contexts])
-    return make_sae(loaded.d_model, b_dec=resid.median(dim=0).values)
+    saes = []
+    for n, layer in enumerate([1, LAYER]):
+        resid = torch.cat([hook_residual(loaded, ids, layer)[1:] for ids in contexts])
+        sae = make_sae(loaded.d_model, b_dec=resid.median(dim=0).values, seed=n)
+        saes.append(export.SaeToExport(f"L{layer}", layer, f"blocks.{layer}.hook_resid_pre", sae, "relu"))
+    return saes
+
+
+def old_int8_files(folder: Path, saes: list[export.SaeToExport], tmp: Path) -> dict[str, tuple[Path, int]]:
+    """The old dynamic int8 quantisation applied to the trunk and to each encoder of `folder`,
+    saved in `tmp`: returns `check_split`'s encoders argument; the trunk is `tmp/trunk.onnx`."""
+    import onnx
+
+    onnx.save(old_dynamic_int8(onnx.load(folder / "trunk.onnx")), tmp / "trunk.onnx")
+    for s in saes:
+        onnx.save(old_dynamic_int8(onnx.load(folder / f"encoder-{s.id}.onnx")), tmp / f"encoder-{s.id}.onnx")
+    return {s.id: (tmp / f"encoder-{s.id}.onnx", s.layer) for s in saes}
+
+
+def references(loaded, saes: list[export.SaeToExport], contexts) -> dict[str, export.Encoded]:
+    return {s.id: export.torch_outputs(export.EncoderGraph(loaded.truncated(s.layer), s.sae, 32).eval(), contexts)
+            for s in saes}
 
 
 def test_massive_world_has_massive_activations(massive_world):
@@ -337,42 +352,40 @@ def test_massive_world_has_massive_activations(massive_world):
         assert resid[1:, dim].min() > 10 * typical
 
 
-def test_gate_catches_int8_activations_on_massive_activations(massive_world, massive_sae, tmp_path):
+def test_gate_catches_int8_activations_on_massive_activations(massive_world, massive_saes, tmp_path):
     """The test that would have caught issue #10: with massive activations, dynamic int8 activations
-    fail the gate while the default web file (float activations) passes it."""
-    out = export_tiny(massive_world, tmp_path / "onnx", sae=massive_sae)
+    fail the gate while the default web files (float activations) pass it, for each SAE."""
+    out = export_tiny(massive_world, tmp_path / "onnx", saes=massive_saes)
     report = json.loads((out / "parity.json").read_text())
-    assert report["web"]["ok"] and report["web"]["top1_agreement"] >= 0.97 and report["web"]["topk_overlap"] >= 0.95
-
-    import onnx
+    for r in report["saes"].values():
+        assert r["web"]["ok"] and r["web"]["top1_agreement"] >= 0.97 and r["web"]["topk_overlap"] >= 0.95
 
     cfg = tiny_cfg(massive_world)
     loaded = load_model(cfg.model.name)
     contexts = export.parity_contexts(cfg, loaded)
-    reference = export.torch_outputs(export.EncoderGraph(loaded.truncated(LAYER), massive_sae, 32).eval(), contexts)
-    onnx.save(old_dynamic_int8(onnx.load(out / "encoder.onnx")), tmp_path / "old.onnx")
-    old = export.check_file(tmp_path / "old.onnx", contexts, reference)
-    assert not export.passes(old, cfg.export) and old["top1_agreement"] < 0.8, old
+    (tmp_path / "old").mkdir()
+    encoders = old_int8_files(out, massive_saes, tmp_path / "old")
+    old = export.check_split(tmp_path / "old/trunk.onnx", encoders, contexts, references(loaded, massive_saes, contexts))
+    for sae_id, r in old.items():
+        assert not export.passes(r, cfg.export) and r["top1_agreement"] < 0.8, (sae_id, r)
 
 
 def test_old_int8_passes_without_massive_activations(tiny_world, exported, loaded, tmp_path):
-    """The control: on the plain tiny world the old file is close to PyTorch, so the failure above
+    """The control: on the plain tiny world the old files are close to PyTorch, so the failure above
     is the massive activations' doing."""
-    import onnx
-
     cfg = tiny_cfg(tiny_world)
     contexts = export.parity_contexts(cfg, loaded)
-    reference = export.torch_outputs(export.EncoderGraph(loaded.truncated(LAYER), make_sae(loaded.d_model), 32).eval(),
-                                     contexts)
-    onnx.save(old_dynamic_int8(onnx.load(exported / "encoder.onnx")), tmp_path / "old.onnx")
-    assert export.check_file(tmp_path / "old.onnx", contexts, reference)["topk_overlap"] > 0.9
+    saes = suite_saes(loaded.d_model)
+    old = export.check_split(tmp_path / "trunk.onnx", old_int8_files(exported, saes, tmp_path), contexts,
+                             references(loaded, saes, contexts))
+    assert all(r["topk_overlap"] > 0.9 for r in old.values()), old
 
 
 def test_named_mode_that_fails_names_one_that_passes(tiny_world, tmp_path, capsys):
     """A gate the smallest mode misses: the export stops with one line naming a mode that passes."""
     first, *rest = export.QUANTIZATIONS
     report = json.loads((export_tiny(tiny_world, tmp_path / "auto", min_top1=0.0, min_overlap=0.0) / "parity.json").read_text())
-    smallest = report["modes"][first]  # the smallest mode's figures, to set a gate it just misses
+    smallest = report["saes"]["L2"]["modes"][first]  # the smallest mode's figures, to set a gate it just misses
     with pytest.raises(AtlasError, match=rf"export.quantization = {first}: .* ({'|'.join(rest)}) passes .* set export.quantization to"):
         export_tiny(tiny_world, tmp_path / "named", first, min_top1=min(1.0, smallest["top1_agreement"] + 1e-9), min_overlap=0.0)
 
@@ -387,8 +400,9 @@ def test_budget_warning(tiny_world, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export, "WEB_BUDGET_BYTES", 100_000)  # the tiny model's files are larger
     out = export_tiny(tiny_world, tmp_path / "onnx")
     report, meta = (json.loads((out / f).read_text()) for f in ("parity.json", "model.json"))
-    assert report["total_bytes"] == meta["total_bytes"] > 100_000 and report["within_budget"] is False
-    assert f"web download is {meta['total_bytes'] / 1e6:.1f} MB, over the 0 MB budget" in capsys.readouterr().out
+    first = meta["trunk"]["bytes"] + meta["saes"][0]["bytes"]
+    assert report["first_analysis_bytes"] == first > 100_000 and report["within_budget"] is False
+    assert f"a first analysis downloads {first / 1e6:.1f} MB, over the 0 MB budget" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- files and tokenizer
@@ -399,11 +413,12 @@ def test_large_weights_are_split(exported, loaded, monkeypatch, tmp_path):
     import onnx
 
     monkeypatch.setattr(export.files, "MAX_FILE_BYTES", 64 * 1024)
-    files = export.files.save_model(onnx.load(exported / "encoder.onnx"), tmp_path / "encoder.onnx")
+    files = export.files.save_model(onnx.load(exported / "trunk.onnx"), tmp_path / "trunk.onnx")
     assert len(files) > 3 and all((tmp_path / f).stat().st_size <= 64 * 1024 + 4096 for f in files[1:])
     ids = export.encode_with_bos(loaded, "Tom met Lily in the park.", 128)
-    a = export.run_session(export.session(tmp_path / "encoder.onnx"), ids)
-    b = export.run_session(export.session(exported / "encoder.onnx"), ids)
+    enc = export.session(exported / "encoder-L2-256.onnx")
+    a = export.run_split(export.session(tmp_path / "trunk.onnx"), enc, LAYER, ids)
+    b = export.run_split(export.session(exported / "trunk.onnx"), enc, LAYER, ids)
     assert (a.top_ids == b.top_ids).all() and np.allclose(a.top_acts, b.top_acts, rtol=1e-5, atol=1e-6)
 
 
@@ -421,8 +436,9 @@ def test_js_tokenizer_matches_python(exported, loaded):
 
 
 def test_run_with_an_atlas_sae(tiny_world, tmp_path, monkeypatch, capsys):
-    """`export.run` end to end: a topk SAE from atlas.saes in runs/X/sae/, stamped; a second run is
-    skipped. Its n_active is the dense count (at most k for TopK)."""
+    """`export.run` end to end: a topk SAE from atlas.saes in runs/X/sae/, stamped, in the suite
+    layout (a trunk and one encoder, id L2); a second run is skipped. Its n_active is the dense
+    count (at most k for TopK)."""
     saes = pytest.importorskip("atlas.saes")
     from atlas.stage import atomic_dir, read_stamp
 
@@ -436,11 +452,14 @@ def test_run_with_an_atlas_sae(tiny_world, tmp_path, monkeypatch, capsys):
         sae.save(d)
     out = export.run(cfg)
     report = json.loads((out / "parity.json").read_text())
-    assert report["full"]["ok"] and report["web"]["ok"], report
+    assert list(report["saes"]) == ["L2"] and report["saes"]["L2"]["full"]["ok"] and report["saes"]["L2"]["web"]["ok"]
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["trunk"]["outputs"] == {"2": "resid_2"} and [s["onnx"] for s in meta["saes"]] == ["encoder-L2.web.onnx"]
+    assert meta["saes"][0]["architecture"] == "topk" and meta["saes"][0]["top_k"] == 32
     assert read_stamp(out)["fingerprint"] and not (tmp_path / "runs/t/onnx.tmp").exists()
     loaded = load_model(cfg.model.name)
     ids = export.encode_with_bos(loaded, "Tom met Lily in the park.", 128)
-    got = export.run_session(export.session(out / "encoder.onnx"), ids)
+    got = run_files(out, "L2", ids)
     with torch.no_grad():
         dense = (sae.eval().encode(hook_residual(loaded, ids)) > 0).sum(-1).numpy()
     assert np.array_equal(got.n_active, dense) and dense.max() <= 8

@@ -3,7 +3,10 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
+
+from support import tiny_yaml
 
 from atlas.cli import main
 
@@ -12,7 +15,6 @@ from atlas.cli import main
 def built_tiny_run(tiny_world, tmp_path_factory):
     import os
 
-    from conftest import tiny_yaml
 
     work = tmp_path_factory.mktemp("pipeline")
     tiny_yaml(tiny_world, work)
@@ -59,11 +61,33 @@ def test_the_analyser_shows_the_pages_strongest_feature(built_tiny_run):
 
     run = built_tiny_run / "runs" / "tiny"
     parity = json.loads((run / "onnx" / "parity.json").read_text())
-    assert parity["web"]["pages_top1_agreement"] >= 0.97
+    (sae_id, report), = parity["saes"].items()   # a single-SAE run: a suite of one
+    assert report["web"]["pages_top1_agreement"] >= 0.97
     sae = load_sae(run / "sae").float().eval()
-    n = parity["n_contexts"]
-    assert export.pages_agreement(run / "onnx" / "encoder.onnx", run / "activations.h5", sae, n, True) > 0.999
+    n, layer, onnx = parity["n_contexts"], report["layer"], run / "onnx"
+    files = (onnx / "trunk.onnx", onnx / f"{export.encoder_name(sae_id)}.onnx", layer)
+    assert export.pages_agreement(*files, run / "activations.h5", sae, n, True) > 0.999
     other = load_sae(run / "sae").float().eval()
     with torch.no_grad():
         other.W_enc.copy_(other.W_enc[:, torch.randperm(other.W_enc.shape[1], generator=torch.Generator().manual_seed(0))])
-    assert export.pages_agreement(run / "onnx" / "encoder.onnx", run / "activations.h5", other, n, True) < 0.2
+    assert export.pages_agreement(*files, run / "activations.h5", other, n, True) < 0.2
+
+
+@pytest.mark.slow
+def test_matryoshka_runs_every_stage(tiny_config):
+    """A Matryoshka SAE trains, evaluates, analyses, exports and builds like the others; each
+    feature's nesting level reaches the features table and the explorer's data."""
+    assert main(["all", "--config", "tiny.yaml", "--set", "sae.architecture=matryoshka",
+                 "--set", "sae.matryoshka_groups=[32, 128]", "--set", "train.n_tokens=100000"]) == 0
+    run = Path("runs") / "tiny"
+    cfg = json.loads((run / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu"
+    assert cfg["metadata"]["atlas_sae_config"]["matryoshka_groups"] == [32, 128, 256]
+    assert json.loads((run / "sae" / "metrics.json").read_text())["explained_variance"] > 0.5
+    groups = pd.concat([pd.read_parquet(p, columns=["feature_id", "group"])
+                        for p in sorted((run / "features").glob("features-*.parquet"))]).sort_values("feature_id")
+    assert groups["group"].tolist() == [0] * 32 + [1] * 96 + [2] * 128
+    text = (run / "site" / "data" / "features.js").read_text(encoding="utf-8")
+    data = json.loads(text[text.index(",") + 1:text.rindex(")")])
+    assert data["group"] == [0] * 32 + [1] * 96 + [2] * 128
+    assert (run / "onnx" / "model.json").exists()

@@ -58,7 +58,7 @@ def planted_heavy(n=16384, d_in=32, n_atoms=96, mean_active=3.0, tail=2.0, noise
 
 
 @pytest.mark.parametrize("arch", [
-    "topk", "batchtopk",
+    "topk", "batchtopk", "matryoshka",
     pytest.param("relu", marks=pytest.mark.xfail(strict=True, reason="ReLU + L1 finds 56% here (13% of the "
                                                  "rarest quarter); no L1 coefficient in 0.3-10 or lr in 1e-3-3e-3 did better")),
     pytest.param("jumprelu", marks=pytest.mark.xfail(strict=True, reason="JumpReLU finds 43% here; no L0 "
@@ -80,7 +80,7 @@ def test_recovers_rare_heavy_tailed_dictionary(arch):
     rarest = found[p.argsort()[:len(p) // 4]]
     assert found.float().mean() >= 0.9 and rarest.float().mean() >= 0.8, \
         f"{arch}: recovered {found.float().mean():.0%} of the atoms, {rarest.float().mean():.0%} of the rarest quarter"
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         l0 = (sae.encode(held) > 0).sum(dim=1).float().mean().item()
         assert abs(l0 - cfg.k) <= 0.15 * cfg.k, f"held-out L0 {l0:.2f} at the inference threshold, k = {cfg.k}"
 
@@ -93,7 +93,7 @@ def _trained_like(arch, d_in=16, d_sae=64, seed=0):
         for p in sae.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
         sae.W_dec.mul_(1.5)  # non-unit decoder norms exercise the folding on save
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.2)
         if arch == "jumprelu":
             sae.threshold.fill_(0.05)
@@ -114,7 +114,7 @@ def test_save_load_round_trip(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch,saelens_arch", [("relu", "standard"), ("topk", "topk"), ("batchtopk", "jumprelu"),
-                                               ("jumprelu", "jumprelu")])
+                                               ("jumprelu", "jumprelu"), ("matryoshka", "jumprelu")])
 def test_saelens_cfg_format(arch, saelens_arch, tmp_path):
     from safetensors.torch import load_file
 
@@ -147,6 +147,40 @@ def test_lr_scales_are_config_fields_recorded_in_cfg_json(tmp_path):
     assert (recorded["lr_scale_w_dec"], recorded["lr_scale_b_enc"], recorded["k"]) == (10.0, 3.0, 4)
     back = load_sae(tmp_path)
     assert back.cfg == sae.cfg and back.lr_scales == sae.lr_scales
+
+
+def test_matryoshka_groups_resolve_record_and_survive_loading(tmp_path):
+    from atlas.saes.matryoshka import matryoshka_widths
+
+    assert matryoshka_widths([0.0625, 0.25, 1.0], 1024) == [64, 256, 1024]
+    assert matryoshka_widths([100.0, 300.0], 1024) == [100, 300, 1024]  # d_sae added last
+    assert matryoshka_widths([], 4096) == [64, 256, 1024, 4096]
+    assert matryoshka_widths([], 8) == [1, 2, 8]  # rounding collapses equal widths
+    sae = _trained_like("matryoshka")  # d_sae 64, default groups: 1, 4, 16, 64
+    assert sae.cfg.matryoshka_groups == [1, 4, 16, 64]
+    groups = sae.latent_groups()
+    assert groups.tolist() == [0] + [1] * 3 + [2] * 12 + [3] * 48
+    assert _trained_like("batchtopk").latent_groups() is None
+    sae.save(tmp_path)
+    back = load_sae(tmp_path)  # a JumpReLU SAE, as SAELens reads it; the widths come from the metadata
+    assert back.architecture == "jumprelu" and torch.equal(back.latent_groups(), groups)
+    x = torch.randn(40, 16)
+    assert torch.allclose(back.encode(x), sae.encode(x), atol=1e-5)
+
+
+def test_config_matryoshka_groups(tmp_path):
+    from atlas.config import load_config
+    from atlas.errors import ConfigError
+
+    path = tmp_path / "run.yaml"
+    path.write_text("sae:\n  architecture: matryoshka\n  d_sae: 1024\n  matryoshka_groups: [64, 256]\n")
+    assert load_config(path).sae.matryoshka_groups == [64.0, 256.0]
+    assert load_config(path, ["sae.matryoshka_groups=[0.25, 1]"]).sae.matryoshka_groups == [0.25, 1.0]
+    for bad in ("[256, 64]", "[64, 2048]", "[0.5, 3]", "64", "[a]"):
+        with pytest.raises(ConfigError, match="sae.matryoshka_groups"):
+            load_config(path, [f"sae.matryoshka_groups={bad}"])
+    with pytest.raises(ConfigError, match="matryoshka only"):
+        load_config(path, ["sae.architecture=topk"])
 
 
 def test_config_rejects_aux_k_above_d_sae(tmp_path):
@@ -265,7 +299,7 @@ def _reference_loss(sae, x, dead_mask):
     tensors, written from the papers' definitions, independently of atlas.saes.fused."""
     n, k = x.shape[0], sae.k
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    if sae.architecture == "batchtopk":  # Bussmann et al.: ReLU, then the n*k largest of the flattened batch
+    if sae.architecture in ("batchtopk", "matryoshka"):  # Bussmann et al.: ReLU, then the n*k largest of the batch
         v, i = pre.relu().flatten().topk(n * k)
         acts = torch.zeros(n * sae.d_sae, dtype=x.dtype).scatter(0, i, v).view_as(pre)
     else:
@@ -273,6 +307,10 @@ def _reference_loss(sae, x, dead_mask):
         acts = torch.zeros_like(pre).scatter(1, i, v.relu())
     out = acts @ sae.W_dec + sae.b_dec
     fvu = (out - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    if sae.architecture == "matryoshka":  # every inner prefix reconstructs on its own, from its latents alone
+        for width in sae.cfg.matryoshka_groups[:-1]:
+            inner = acts[:, :width] @ sae.W_dec[:width] + sae.b_dec
+            fvu = fvu + (inner - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     residual = (x - out).detach()
     n_dead = int(dead_mask.sum())
     aux_k = min(sae.cfg.aux_k, n_dead)
@@ -283,7 +321,7 @@ def _reference_loss(sae, x, dead_mask):
     return fvu + sae.cfg.aux_k_coefficient * min(n_dead / sae.cfg.aux_k, 1.0) * auxk
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 def test_training_loss_and_gradients_match_plain_autograd(arch, monkeypatch):
     """Both AuxK paths (dense products over the dead latents; fused into the sparse encoder) give
     the reference's loss and gradients, hence each other's. Rows of very different norms make
@@ -292,7 +330,9 @@ def test_training_loss_and_gradients_match_plain_autograd(arch, monkeypatch):
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(24, 8, generator=g, dtype=torch.double) * torch.rand(24, 1, generator=g, dtype=torch.double).pow(-2)
-    sae = build_sae(SAEConfig(architecture=arch, d_sae=40, k=2, aux_k=3), 8, seed=2).double().train()
+    cfg = SAEConfig(architecture=arch, d_sae=40, k=2, aux_k=3,
+                    matryoshka_groups=[5, 17] if arch == "matryoshka" else [])
+    sae = build_sae(cfg, 8, seed=2).double().train()
     dead = torch.zeros(40, dtype=torch.bool)
     dead[::3] = True  # 14 dead latents
     results = {}
@@ -364,3 +404,13 @@ def test_saved_sae_loads_in_saelens(tmp_path):
         ours.save(tmp_path / arch)
         theirs = sae_lens.SAE.load_from_disk(str(tmp_path / arch))
         assert torch.allclose(theirs(x), ours.reconstruct(x), atol=1e-5), arch
+        assert torch.allclose(theirs.encode(x), load_sae(tmp_path / arch).encode(x), atol=1e-5), arch
+    # A trained Matryoshka SAE (unit-norm decoder): SAELens reads it as the JumpReLU SAE it saves its
+    # own matryoshka_batchtopk as, and computes the very latents ours does.
+    sae = _trained_like("matryoshka")
+    sae._unit_norm_decoder()
+    sae.save(tmp_path / "unit")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "unit"))
+    assert type(theirs).__name__ == "JumpReLUSAE"
+    assert torch.equal(theirs.encode(x) > 0, sae.encode(x) > 0)
+    assert torch.allclose(theirs.encode(x), sae.encode(x), atol=1e-5)

@@ -1,6 +1,7 @@
 """The training loop: checkpoints and resume, NaN handling, schedules, data streaming."""
 
 import json
+import dataclasses
 import math
 
 import pytest
@@ -10,19 +11,10 @@ from atlas.config import SAEConfig, TrainConfig
 from atlas.errors import AtlasError
 from atlas.train.data import RowStream, tensor_stream
 from atlas.train.trainer import CKPT_FILE, LOG_FILE, geometric_median, lr_at, train_sae
+from support import TRAIN_CFG as TC, TRAIN_SAE as SAE, train_data as data
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def data(n=4096, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 8, generator=g) @ torch.randn(8, d, generator=g) + 1.0
-
-
-SAE = SAEConfig(architecture="topk", d_sae=64, k=4, aux_k=16)
-TC = TrainConfig(batch_size=128, n_tokens=128 * 60, lr=3e-3, warmup_steps=5, checkpoint_every=20,
-                 dead_after_tokens=2000)
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path):
@@ -53,8 +45,8 @@ class PoisonedStream(RowStream):
 
     bad_step = 45
 
-    def batches(self, batch_size, start_step=0):
-        for step, batch in enumerate(super().batches(batch_size, start_step), start_step):
+    def batches(self, batch_size, start_step=0, **kwargs):
+        for step, batch in enumerate(super().batches(batch_size, start_step, **kwargs), start_step):
             if step == self.bad_step:
                 batch = batch.clone()
                 batch[3, 2] = float("nan")
@@ -143,3 +135,73 @@ def test_checkpoint_with_other_optimizer_groups_starts_over(tmp_path, capsys):
     torch.save(ckpt, tmp_path / CKPT_FILE)
     _, summary = train_sae(SAE, TC, tensor_stream(x), ckpt_dir=tmp_path, fp="f", progress=False, max_steps=5)
     assert summary["steps"] == 5 and "older trainer" in capsys.readouterr().out
+
+
+def test_run_health_names_the_fix():
+    from atlas.train.health import RunHealth
+
+    h = RunHealth(lr=1e-3, warmup_steps=10, total_steps=100)
+    assert h.observe(5, 1.0, 0.0) == [] and h.observe(20, 0.5, 0.0) == []  # falling: fine
+    rise = h.observe(30, 0.9, 0.0)
+    assert len(rise) == 1 and "too high" in rise[0] and "train.lr" in rise[0] and "0.000333" in rise[0]
+    assert h.observe(40, 0.9, 0.0) == []  # each kind once
+    dead = [h.observe(50 + i, 0.4, share) for i, share in enumerate((0.3, 0.45, 0.55, 0.65))]
+    fired = sum(dead, [])
+    assert dead[:2] == [[], []] and len(fired) == 1 and "dead" in fired[0] and "train.lr = 0.000333" in fired[0]
+    stall = RunHealth(lr=1e-5, warmup_steps=10, total_steps=100)
+    stall.observe(1, 1.0, 0.0)
+    assert stall.observe(9, 0.99, 0.0) == []  # still warming up
+    assert "too low" in stall.observe(12, 0.98, 0.0)[0]
+
+
+def test_training_at_a_hopeless_lr_warns(capsys):
+    x = data()
+    tc = TrainConfig(batch_size=128, n_tokens=128 * 60, lr=1e-7, warmup_steps=5, dead_after_tokens=10_000)
+    _, summary = train_sae(SAE, tc, tensor_stream(x), progress=False)
+    assert any("too low" in w for w in summary["warnings"])
+    _, summary = train_sae(SAE, dataclasses.replace(tc, lr=3e-3), tensor_stream(x), progress=False)
+    assert "warnings" not in summary
+
+
+def test_row_stream_reads_ahead_and_stops_its_reader():
+    import threading
+
+    def readers():
+        return [t for t in threading.enumerate() if t.name == "atlas-rows"]
+
+    x = data(n=2000)
+    stream = RowStream(lambda a, b: x[a:b].half(), 2000, chunk_rows=100, buffer_rows=400, seed=1)
+    before = set(readers())
+    batches = stream.batches(64)
+    first = next(batches)
+    assert first.dtype == torch.float16 and first.shape == (64, 16)  # the source's dtype
+    mine = set(readers()) - before
+    assert len(mine) == 2  # one reads buffers, one gathers batches
+    batches.close()
+    for t in mine:
+        t.join(timeout=2)
+    assert not any(t.is_alive() for t in mine)
+
+
+def test_non_finite_rows_are_named():
+    """A batch's NaN/inf row is found by its row id in the store (and, through check_row, its part named)."""
+    x = data(n=2000)
+    x[1234, 5] = float("inf")
+
+    def check_row(row):
+        raise AtlasError(f"part-7.h5: NaN/inf activations (store row {row})")
+
+    stream = RowStream(lambda a, b: x[a:b], 2000, chunk_rows=100, buffer_rows=400, keep=lambda ids: ids % 7 > 0,
+                       seed=1, check_row=check_row)
+    for step, batch in enumerate(stream.batches(64, start_step=3), 3):  # from a resumed step, and in a rank's slice
+        if not torch.isfinite(batch).all():
+            break
+        assert stream.bad_row(batch, 64, step) is None
+    with pytest.raises(AtlasError, match="store row 1234"):
+        stream.bad_row(batch, 64, step)
+    half = next(stream.batches(64, start_step=step, rank=1, world=2))
+    if not torch.isfinite(half).all():
+        with pytest.raises(AtlasError, match="store row 1234"):
+            stream.bad_row(half, 64, step, rank=1, world=2)
+    stream.check_row = None
+    assert stream.bad_row(batch, 64, step) == 1234

@@ -1,5 +1,6 @@
 """Parity: what the exported files compute against PyTorch (and against the pages), on held-out
-token contexts, run by Python onnxruntime as the browser runs onnxruntime-web.
+token contexts, run by Python onnxruntime as the browser runs onnxruntime-web: the trunk file
+once per context, then each SAE's encoder file on the residual at its hook (`run_split`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from atlas.export.tracing import Encoded, max_tokens
+from atlas.export.tracing import RESIDUAL_INPUT, Encoded, max_tokens, residual_name
 
 FALLBACK_TEXTS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.",
@@ -68,15 +69,17 @@ class PagesReference(NamedTuple):
     """bool [n_tokens]: tokens a page can show: some latent fires, and not BOS when the pages skip it."""
 
 
-def pages_reference(store_path: Path, sae: nn.Module, n_contexts: int, skip_bos: bool) -> PagesReference:
-    """The pages' strongest latent on each token of the store's last `n_contexts` contexts."""
+def pages_reference(store_path: Path, sae: nn.Module, n_contexts: int, skip_bos: bool,
+                    acts_key: str = "acts") -> PagesReference:
+    """The pages' strongest latent on each token of the store's last `n_contexts` contexts, from
+    the store's dataset `acts_key` (the SAE's hook)."""
     import h5py
 
     contexts, best, shown = [], [], []
     with h5py.File(store_path, "r") as f, torch.no_grad():
         tokens, L = f["tokens"], int(f.attrs["ctx_len"])
         for c in range(max(0, len(tokens) - n_contexts), len(tokens)):
-            dense = sae.encode(torch.from_numpy(np.asarray(f["acts"][c * L:(c + 1) * L], np.float32)))
+            dense = sae.encode(torch.from_numpy(np.asarray(f[acts_key][c * L:(c + 1) * L], np.float32)))
             fires = (dense > 0).any(-1).numpy()
             fires[0] &= not skip_bos
             contexts.append([int(t) for t in tokens[c]])
@@ -91,11 +94,13 @@ def pages_top1(pages: PagesReference, got: Encoded) -> float:
     return float(same[pages.shown].sum() / max(int(pages.shown.sum()), 1))
 
 
-def pages_agreement(web: Path, store_path: Path, sae: nn.Module, n_contexts: int, skip_bos: bool) -> float:
-    """`pages_top1` of the ONNX file `web` on the store's last `n_contexts` contexts."""
-    pages = pages_reference(store_path, sae, n_contexts, skip_bos)
-    sess = session(web)
-    return pages_top1(pages, _concat([run_session(sess, ids) for ids in pages.contexts]))
+def pages_agreement(trunk: Path, encoder: Path, layer: int, store_path: Path, sae: nn.Module, n_contexts: int,
+                    skip_bos: bool, acts_key: str = "acts") -> float:
+    """`pages_top1` of the ONNX files `trunk` + `encoder` (at `layer`) on the store's last
+    `n_contexts` contexts."""
+    pages = pages_reference(store_path, sae, n_contexts, skip_bos, acts_key)
+    trunk_sess, enc = session(trunk), session(encoder)
+    return pages_top1(pages, _concat([run_split(trunk_sess, enc, layer, ids) for ids in pages.contexts]))
 
 
 def encode_with_bos(loaded, text: str, max_len: int) -> list[int]:
@@ -127,17 +132,26 @@ def torch_outputs(graph: nn.Module, contexts: list[list[int]]) -> Encoded:
                         for ids in contexts])
 
 
-def check_file(path: Path, contexts: list[list[int]], reference: Encoded, pages: PagesReference | None = None) -> dict:
-    """`compare` of the ONNX file at `path`, run by Python onnxruntime, with PyTorch's `reference`;
-    with `pages` (for the same contexts) also `pages_top1_agreement`."""
-    sess = session(path)
+def check_split(trunk: Path, encoders: dict[str, tuple[Path, int]], contexts: list[list[int]],
+                references: dict[str, Encoded], pages: dict[str, PagesReference | None] | None = None) -> dict[str, dict]:
+    """`compare` of each SAE's files -- the trunk file at `trunk`, then its encoder file, from
+    `encoders`: id -> (path, layer) -- run by Python onnxruntime, with PyTorch's `references[id]`;
+    with `pages[id]` (for the same contexts) also `pages_top1_agreement`. The trunk runs once per
+    context for all SAEs, as in the browser."""
     t0 = time.time()
-    got = _concat([run_session(sess, ids) for ids in contexts])
-    r = compare(reference, got)
-    r["seconds"] = round(time.time() - t0, 3)
-    if pages is not None:
-        r["pages_top1_agreement"] = pages_top1(pages, got)
-    return r
+    trunk_sess = session(trunk)
+    resids = [trunk_outputs(trunk_sess, ids) for ids in contexts]
+    trunk_seconds = time.time() - t0
+    report = {}
+    for sae_id, (path, layer) in encoders.items():
+        enc = session(path)
+        t0 = time.time()
+        got = _concat([encoder_outputs(enc, r[residual_name(layer)]) for r in resids])
+        r = report[sae_id] = compare(references[sae_id], got)
+        r["seconds"] = round(trunk_seconds + time.time() - t0, 3)
+        if pages and pages.get(sae_id) is not None:
+            r["pages_top1_agreement"] = pages_top1(pages[sae_id], got)
+    return report
 
 
 def compare(ref: Encoded, got: Encoded, tol: float = 1e-4) -> dict:
@@ -180,7 +194,19 @@ def session(path: Path, threads: int = 0):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def run_session(sess, ids: list[int]) -> Encoded:
-    """The file's outputs for one token sequence (batch of one, so leading dims [seq])."""
-    out = sess.run(list(Encoded._fields), {"input_ids": np.asarray([ids], dtype=np.int32)})
+def trunk_outputs(sess, ids: list[int]) -> dict[str, np.ndarray]:
+    """The trunk file's residuals for one token sequence (batch of one): output name -> [1, seq, d_model]."""
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {"input_ids": np.asarray([ids], dtype=np.int32)})))
+
+
+def encoder_outputs(sess, resid: np.ndarray) -> Encoded:
+    """An encoder file's outputs for one residual [1, seq, d_model] (leading dims [seq])."""
+    out = sess.run(list(Encoded._fields), {RESIDUAL_INPUT: resid})
     return Encoded(*(o[0] for o in out))
+
+
+def run_split(trunk_sess, encoder_sess, layer: int, ids: list[int]) -> Encoded:
+    """What the browser computes for one token sequence and one SAE: the trunk, then the encoder
+    on the residual at `layer` (leading dims [seq])."""
+    return encoder_outputs(encoder_sess, trunk_outputs(trunk_sess, ids)[residual_name(layer)])

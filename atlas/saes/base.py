@@ -162,6 +162,15 @@ class SparseAutoencoder(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
 
+    def latent_groups(self) -> Tensor | None:
+        """Each latent's nesting level [d_sae] (0: the first prefix) when the SAE was trained as
+        nested prefixes (matryoshka: `cfg.matryoshka_groups` holds their widths, recorded in the
+        saved config, so an SAE loaded from such a folder keeps them); None otherwise."""
+        widths = torch.tensor([int(w) for w in self.cfg.matryoshka_groups])
+        if not len(widths):
+            return None
+        return torch.searchsorted(widths, torch.arange(self.d_sae), right=True)
+
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 

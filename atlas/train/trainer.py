@@ -37,6 +37,7 @@ from atlas.config import SAEConfig, TrainConfig
 from atlas.errors import AtlasError
 from atlas.saes import ForwardOutput, SparseAutoencoder, build_sae
 from atlas.train.data import RowStream
+from atlas.train.health import RunHealth
 
 CKPT_FILE = "checkpoint.pt"
 LOG_FILE = "metrics.jsonl"
@@ -104,10 +105,13 @@ def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tok
     trainer.start(progress)
     batches = trainer.batches()
     n_steps = trainer.total_steps - trainer.step
-    for _ in range(n_steps if max_steps is None else min(n_steps, max_steps)):
-        out = trainer.train_step(next(batches))
-        trainer.log(out)
-        trainer.checkpoint()
+    try:
+        for _ in range(n_steps if max_steps is None else min(n_steps, max_steps)):
+            out = trainer.train_step(next(batches))
+            trainer.log(out)
+            trainer.checkpoint()
+    finally:
+        batches.close()  # stops the reader thread, also when a step raises
     return trainer.finish()
 
 
@@ -145,6 +149,9 @@ class Trainer:
         """Sums of the loss terms since the last metrics row, over `n_acc` steps."""
         self.n_acc = 0
         self.bar: tqdm | None = None
+        self.health = RunHealth(tc.lr, tc.warmup_steps, self.total_steps)
+        self.warnings: list[str] = []
+        """What `health` noticed going wrong (printed when noticed, kept in the summary)."""
 
     # ---- start: initialise or resume --------------------------------------------------------
     def start(self, progress: bool = True) -> None:
@@ -196,21 +203,21 @@ class Trainer:
         if self.main and self.log_path is not None and self.log_path.exists():
             self.log_path.unlink()
         d = self.data  # a plain RowStream of d's rows: d may be a subclass with batches of its own
-        sample = next(RowStream(d.read, d.n_rows, d.chunk_rows, d.buffer_rows, d.keep, d.seed + 1).batches(
-            min(SAMPLE_ROWS, d.n_rows)))
-        self.scale = init_from_data(self.sae, sample.to(self.device), self.sae_cfg.b_dec_init)
+        sample = next(RowStream(d.read, d.n_rows, d.chunk_rows, d.buffer_rows, d.keep, d.seed + 1, d.rows,
+                                d.read_into).batches(min(SAMPLE_ROWS, d.n_rows)))
+        self.scale = init_from_data(self.sae, sample.to(self.device).float(), self.sae_cfg.b_dec_init)
 
     def batches(self) -> Iterator[torch.Tensor]:
         """This rank's share of each training batch, from the current step on."""
-        if self.world > 1:
-            return self.data.batches(self.tc.batch_size, start_step=self.step, rank=self.rank, world=self.world)
-        return self.data.batches(self.tc.batch_size, start_step=self.step)
+        return self.data.batches(self.tc.batch_size, start_step=self.step, rank=self.rank, world=self.world,
+                                 pin=self.device.type == "cuda")
 
     # ---- step --------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor) -> ForwardOutput:
         """One optimiser step on the raw batch `x`; a non-finite loss stops training."""
         tc = self.tc
-        x = x.to(self.device, non_blocking=True) * self.scale
+        batch = x
+        x = x.to(self.device, non_blocking=True).float() * self.scale  # batches come in the store's dtype
         tokens = self.step * tc.batch_size
         dead_mask = (tokens - self.last_fired) >= tc.dead_after_tokens if tokens >= tc.dead_after_tokens else None
         sparsity_scale = min(1.0, (self.step + 1) / tc.l1_warmup_steps) if tc.l1_warmup_steps else 1.0
@@ -225,6 +232,10 @@ class Trainer:
             self.bar.close()
             kept = (f"the last good checkpoint (step {self.last_good:,}) is kept in {self.ckpt_dir}"
                     if self.last_good is not None and self.ckpt_dir is not None else "no checkpoint was written yet")
+            row = self.data.bad_row(batch, tc.batch_size, self.step, self.rank, self.world)  # check_row may raise
+            if row is not None:
+                raise AtlasError(f"train: training row {row:,} holds NaN/inf activations at step {self.step:,}; "
+                                 f"stopped, {kept}; rewrite the store (`atlas collect --force`)")
             raise AtlasError(f"train: loss became {out.loss.item()} at step {self.step:,}; stopped, {kept}; "
                              f"lower train.lr or check the activations for inf/NaN")
         self.opt.zero_grad(set_to_none=True)
@@ -268,6 +279,10 @@ class Trainer:
                "dead_fraction": dead, "lr": self.lr}
         row["mse"] /= self.scale * self.scale  # in the store's units
         self.bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{dead:.2f}", refresh=False)
+        for warning in self.health.observe(self.step, row["fvu"], dead):
+            self.warnings.append(warning)
+            if self.main:
+                tqdm.write(warning)
         if self.log_path is not None and self.main:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -301,6 +316,8 @@ class Trainer:
                    "train_dead_fraction": self.dead_fraction(min(self.tc.dead_after_tokens, seen))}
         if self.world > 1:
             summary["processes"] = self.world
+        if self.warnings:
+            summary["warnings"] = self.warnings
         self.sae.eval()
         return inference_copy(self.sae, self.scale), summary
 

@@ -137,7 +137,7 @@
     if (!counts.length || !counts.some(function (x) { return x > 0; })) return;
     section(parent, "histogram", "Activation histogram");
     var NS = "http://www.w3.org/2000/svg";
-    var W = 480, H = 150, L = 44, B = 34, T = 8, R = 12;
+    var W = 480, H = 150, L = 50, B = 34, T = 8, R = 12;
     var top = Math.max.apply(null, counts), bw = (W - L - R) / counts.length;
     var y = function (c) { return T + (H - T - B) * (1 - Math.log10(1 + c) / Math.log10(1 + top)); };
     function svg(tag, attrs, text) {
@@ -163,7 +163,9 @@
       s.appendChild(svg("path", {class: "axis", d: "M" + (L - 4) + " " + y(p).toFixed(1) + "h4"}));
       s.appendChild(svg("text", {x: L - 6, y: (y(p) + 3.5).toFixed(1), "text-anchor": "end"}, p.toLocaleString("en")));
     }
-    s.appendChild(svg("text", {x: 0, y: T + 2, "text-anchor": "start", class: "title", transform: "rotate(90 2 " + T + ")"}, "tokens"));
+    var mid = (T + H - B) / 2;
+    s.appendChild(svg("text", {x: 10, y: mid, "text-anchor": "middle", class: "title", transform: "rotate(-90 10 " + mid + ")"},
+                      "tokens (log scale)"));
     // x ticks: five bin edges, evenly spaced on the (log) axis
     for (var k = 0; k <= 4; k++) {
       var i = Math.round(k * counts.length / 4), x = L + i * bw;
@@ -226,7 +228,7 @@
   }
 
   function examples(parent, f, rows, vocab) {
-    var prompt = Atlas.root.href + "prompt.html";
+    var prompt = "../../prompt.html";          // feature pages live at features/<id>/index.html
     var top = rows.filter(function (e) { return e.kind === "top"; });
     var samples = rows.filter(function (e) { return e.kind !== "top"; })
       .sort(function (a, b) { return b.activation - a.activation; });

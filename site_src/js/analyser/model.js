@@ -1,6 +1,8 @@
-// Loading the exported encoder in the browser: model.json, the quantised ONNX file(s) and
-// tokenizer.json from <site>/onnx/, downloaded once with progress and kept in the Cache API
-// so later visits (and offline use) need no network. Runtime libraries are the site's own
+// Loading the exported model in the browser: model.json, then the trunk (the model's blocks up
+// to the deepest hook, one residual output per hook layer) and tokenizer.json from <site>/onnx/,
+// and each SAE's small encoder file when it is first needed; every file is downloaded once with
+// progress and kept in the Cache API so later visits (and offline use) need no network. A
+// single-SAE atlas has the same layout: a trunk and one encoder. Runtime libraries are the site's own
 // copies under assets/vendor/ (from npm at build time), resolved relative to this module, so
 // the site works at any sub-path.
 import * as ort from "../../assets/vendor/onnxruntime-web/ort.wasm.min.mjs";
@@ -99,36 +101,65 @@ async function getFile(cache, file, onBytes) {
 
 let loading = null;
 
-/** The model, loaded once per page: { meta, session, tokenizer }. onProgress(loaded, total, phase). */
+/**
+ * The model, loaded once per page: { meta, trunk, tokenizer, encoders, cache } — `trunk` the
+ * trunk's session, `encoders` a Map from SAE id to its session, filled by `loadEncoder`.
+ * onProgress(loaded, total, phase).
+ */
 export function loadModel(onProgress = () => {}) {
   loading ??= load(onProgress).catch((err) => { loading = null; throw err; });
   return loading;
 }
 
-async function load(onProgress) {
-  const meta = await fetchMeta();
-  const cache = await openCache(meta.fingerprint);
-  const total = meta.total_bytes || 0;
+function sessionOptions(externalData, files) {
+  const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
+  if (externalData?.length) options.externalData = externalData.map((f) => ({ path: f, data: files[f] }));
+  return options;
+}
+
+/** Download `names` (cache first), reporting progress against `total` bytes. */
+async function getFiles(cache, names, total, onProgress) {
   let done = 0;
   const tick = (n) => { done += n; onProgress(done, total, "download"); };
   const files = {};
-  await Promise.all(meta.files.map(async (f) => { files[f] = await getFile(cache, f, tick); }));
+  await Promise.all(names.map(async (f) => { files[f] = await getFile(cache, f, tick); }));
+  onProgress(total, total, "init");
+  return files;
+}
+
+async function load(onProgress) {
+  const meta = await fetchMeta();
+  const cache = await openCache(meta.fingerprint);
+  const files = await getFiles(cache, meta.trunk.files, meta.trunk.bytes || 0, onProgress);
   if (cache) {
     await cache.put(new URL("model.json", MODEL_DIR).href, new Response(JSON.stringify(meta)));
   }
-  onProgress(total, total, "init");
   ort.env.wasm.wasmPaths = new URL("assets/vendor/onnxruntime-web/", SITE_ROOT).href;
   // GitHub Pages sends no COOP/COEP headers, so threads are only possible when isolated.
   ort.env.wasm.numThreads = globalThis.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
   ort.env.wasm.proxy = false;
-  const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
-  if (meta.external_data?.length) {
-    options.externalData = meta.external_data.map((f) => ({ path: f, data: files[f] }));
-  }
-  const session = await ort.InferenceSession.create(files[meta.onnx], options);
+  const trunk = await ort.InferenceSession.create(files[meta.trunk.onnx], sessionOptions(meta.trunk.external_data, files));
   const tokenizerJson = JSON.parse(new TextDecoder().decode(files[meta.tokenizer]));
   const tokenizer = new Tokenizer(tokenizerJson, {});
-  return { meta, session, tokenizer };
+  return { meta, trunk, tokenizer, encoders: new Map(), cache };
+}
+
+/** The SAE `id` of model.json (the first one when `id` is empty or unknown). */
+export function saeMeta(model, id = "") {
+  return model.meta.saes.find((s) => s.id === id) ?? model.meta.saes[0];
+}
+
+/** SAE `id`'s encoder session, downloaded (or read from the cache) the first time it is asked for. */
+export function loadEncoder(model, id, onProgress = () => {}) {
+  const sae = saeMeta(model, id);
+  if (!model.encoders.has(sae.id)) {
+    const loadingEncoder = (async () => {
+      const files = await getFiles(model.cache, sae.files, sae.bytes || 0, onProgress);
+      return ort.InferenceSession.create(files[sae.onnx], sessionOptions(sae.external_data, files));
+    })();
+    model.encoders.set(sae.id, loadingEncoder.catch((err) => { model.encoders.delete(sae.id); throw err; }));
+  }
+  return model.encoders.get(sae.id);
 }
 
 /** Token ids as the store makes contexts: BOS first, then the text's tokens, truncated. */
@@ -156,20 +187,60 @@ export function tokenTexts(model, ids) {
 }
 
 /**
- * Run the encoder on `text`. Returns { ids, texts, truncated, nTokens, bos, k, topIds, topActs, nActive }
- * where topIds/topActs are flat [seq * k] arrays (token t, rank r at t * k + r), strongest first, and
- * nActive[t] is the number of features that fire on token t over the whole SAE (the export's
- * `n_active` output; null for an export without it). The browser sees only the k strongest
- * (`export.top_k`): where nActive[t] > k, a feature missing from the top k may still fire there.
+ * The trunk on `text`: { ...tokenize(), texts, bos, residuals } where residuals maps each trunk
+ * output name ("resid_<layer>") to its tensor [1, seq, d_model]. Run once per prompt, whatever
+ * number of SAEs then read it.
  */
-export async function analyse(model, text) {
+export async function runTrunk(model, text) {
   const tok = tokenize(model, text);
+  const { trunk } = model.meta;
   const input = new ort.Tensor("int32", Int32Array.from(tok.ids), [1, tok.ids.length]);
-  const { outputs } = model.meta;
-  const out = await model.session.run({ [model.meta.input.name]: input });
-  const topIds = out[outputs.ids].data;
-  const topActs = out[outputs.acts].data;
+  const residuals = await model.trunk.run({ [trunk.input.name]: input });
+  return { ...tok, bos: Boolean(model.meta.prepend_bos), texts: tokenTexts(model, tok.ids), residuals };
+}
+
+/**
+ * SAE `id`'s encoder on the trunk's output `run` (from runTrunk). Returns { ids, texts,
+ * truncated, nTokens, bos, sae, k, topIds, topActs, nActive } where sae is the SAE's model.json
+ * entry, topIds/topActs are flat [seq * k] arrays (token t, rank r at t * k + r), strongest
+ * first, and nActive[t] is the number of features that fire on token t over the whole SAE (the
+ * export's `n_active` output). The browser sees only the k strongest (`export.top_k`): where
+ * nActive[t] > k, a feature missing from the top k may still fire there.
+ */
+export async function runEncoder(model, id, run, onProgress = () => {}) {
+  const sae = saeMeta(model, id);
+  const session = await loadEncoder(model, sae.id, onProgress);
+  const out = await session.run({ [sae.input.name]: run.residuals[sae.input.from] });
+  const { outputs } = sae;
   const nActive = outputs.n_active && out[outputs.n_active] ? Int32Array.from(out[outputs.n_active].data) : null;
-  const bos = Boolean(model.meta.prepend_bos);
-  return { ...tok, bos, texts: tokenTexts(model, tok.ids), k: model.meta.top_k, topIds, topActs, nActive };
+  const { residuals, ...tokens } = run;
+  return { ...tokens, sae, k: sae.top_k, topIds: out[outputs.ids].data, topActs: out[outputs.acts].data, nActive };
+}
+
+/** One SAE (`id`, default the first) on `text`: runEncoder's result. */
+export async function analyse(model, text, id = "", onProgress = () => {}) {
+  return runEncoder(model, id, await runTrunk(model, text), onProgress);
+}
+
+/**
+ * Every SAE of the atlas on `text`, the trunk run once: an array of runEncoder results in
+ * model.json's order (by layer, then width). Encoders not yet loaded are fetched one after
+ * another; onSae(result, index) is called as each is ready.
+ */
+export async function analyseAll(model, text, onProgress = () => {}, onSae = () => {}) {
+  const run = await runTrunk(model, text);
+  const results = [];
+  for (const sae of model.meta.saes) {
+    results.push(await runEncoder(model, sae.id, run, onProgress));
+    onSae(results.at(-1), results.length - 1);
+  }
+  return results;
+}
+
+/**
+ * The site folder holding SAE `sae`'s pages (features/N/, data/): the site root for a single-SAE
+ * atlas, `<id>/` (e.g. "L8/") for each SAE of a suite.
+ */
+export function saePages(model, sae) {
+  return model.meta.saes.length > 1 ? `${sae.id}/` : "";
 }

@@ -7,7 +7,8 @@
 //   font-src 'self'; object-src 'none'; base-uri 'self'
 // ('unsafe-inline' in style-src is for the theme; this code sets colours through the CSSOM,
 // which style-src does not restrict.)
-import { analyse, loadModel, unsupportedReason } from "./model.js";
+import { renderLayers } from "./layers.js";
+import { loadModel, runEncoder, runTrunk, saePages, unsupportedReason } from "./model.js";
 import { featureActs, featureUnseen, promptCoverage, promptFeatures, tokenCoverage, tokenFeatures } from "./results.js";
 import { featureItem, loadLabels, progressReporter, renderTokens } from "./ui.js";
 
@@ -28,7 +29,10 @@ function mount(root) {
   const tokenTitle = $(".atlas-token-title");
   const tokenList = $(".atlas-token-features");
   const tokenCount = $(".atlas-token-coverage");
+  const layersBlock = $(".atlas-layers-block");
+  const layers = $(".atlas-layers");
   let result = null;
+  let pages = "";
   let selected = null;
   let labels = new Map();
 
@@ -43,7 +47,6 @@ function mount(root) {
     return;
   }
   form.querySelector("button").disabled = false;
-  loadLabels().then((m) => { labels = m; });
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -52,12 +55,15 @@ function mount(root) {
     root.dataset.state = "running";
     notice.hidden = true;
     try {
-      const model = await loadModel(progressReporter(bar, status));
-      labels = await loadLabels();
-      bar.hidden = true;
+      const progress = progressReporter(bar, status);
+      const model = await loadModel(progress);
       const t0 = performance.now();
-      result = await analyse(model, text);
+      const run = await runTrunk(model, text); // once: every SAE reads its layer's residual from it
+      result = await runEncoder(model, "", run, progress);
+      bar.hidden = true;
       const ms = performance.now() - t0;
+      pages = saePages(model, result.sae);
+      labels = await loadLabels(pages);
       status.textContent = `${result.ids.length} tokens analysed in ${ms.toFixed(0)} ms.`;
       coverage.textContent = coverageLine(result);
       if (result.truncated) {
@@ -70,6 +76,13 @@ function mount(root) {
       if (!featureInput.value && top) featureInput.value = String(top.id);
       selected = null;
       showHeatmap();
+      if (model.meta.saes.length > 1) {
+        const all = [];
+        for (const sae of model.meta.saes) all.push(await runEncoder(model, sae.id, run, progress));
+        bar.hidden = true;
+        await renderLayers(layers, model, all);
+        layersBlock.hidden = false;
+      }
       root.dataset.state = "done";
     } catch (err) {
       bar.hidden = true;
@@ -83,7 +96,7 @@ function mount(root) {
 
   function showStrongest() {
     strongest.replaceChildren(...promptFeatures(result, 20).map((f) => {
-      const li = featureItem(f.id, f.act, labels);
+      const li = featureItem(f.id, f.act, labels, pages);
       const pick = document.createElement("button");
       pick.type = "button";
       pick.className = "atlas-pick";
@@ -114,7 +127,7 @@ function mount(root) {
     tokenTitle.textContent = `Token ${t}: ${JSON.stringify(result.texts[t])}`;
     tokenList.dataset.index = String(t);
     const listed = tokenFeatures(result, t, 10);
-    tokenList.replaceChildren(...listed.map((f) => featureItem(f.id, f.act, labels)));
+    tokenList.replaceChildren(...listed.map((f) => featureItem(f.id, f.act, labels, pages)));
     const { shown, active } = tokenCoverage(result, t);
     tokenCount.textContent = active === 0 ? "No feature fires on this token."
       : active === listed.length ? `All ${active} features that fire on this token.`

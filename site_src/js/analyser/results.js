@@ -136,3 +136,15 @@ export function verdict(feature, result, acts, unseen) {
   return `Feature ${feature} is ${notAmong} on ${n === 1 ? "this token" : `any of the ${tokens(n)}`}, so it ` +
     `may still fire, more weakly (dotted underline): the analyser sees only each token's ${shown} strongest.`;
 }
+
+/**
+ * The cross-layer view of one prompt: for each SAE's result (analyseAll), each token's `n`
+ * strongest features, [{ id, act }] strongest first — rows are SAEs (by layer, then width),
+ * columns tokens.
+ */
+export function layerGrid(results, n = 3) {
+  return results.map((result) => ({
+    sae: result.sae,
+    cells: result.ids.map((_, t) => tokenFeatures(result, t, n)),
+  }));
+}

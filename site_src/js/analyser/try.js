@@ -1,5 +1,6 @@
 // "Try your own text" on a feature page: mounts on
-//   <section class="atlas-try" data-feature-id="N" data-root="../../">
+//   <section class="atlas-try" data-feature-id="N" data-root="../../" [data-sae="L8"]>
+// (data-sae: the SAE of a suite the page belongs to; without it, the atlas's first SAE)
 // and colours the tokens of the visitor's text by feature N, with the same model as the prompt
 // page (downloaded once, cached). CSP: see prompt.js.
 import { analyse, loadModel, unsupportedReason } from "./model.js";
@@ -38,7 +39,7 @@ function mount(section) {
     try {
       const model = await loadModel(progressReporter(bar, status));
       bar.hidden = true;
-      const result = await analyse(model, input.value);
+      const result = await analyse(model, input.value, section.dataset.sae || "");
       const acts = featureActs(result, feature);
       const unseen = featureUnseen(result, feature);
       renderTokens(tokens, result.texts, acts, { skipFirst: result.bos, unseen });

@@ -3,27 +3,30 @@
 import { SITE_ROOT } from "./model.js";
 import { coverageText } from "./results.js";
 
-let labels = null;
+const labels = new Map(); // SAE pages folder -> Promise<Map<feature id, label>>
 
 /**
- * Feature labels from the site's compact index (data/features.js, written by atlas build as
+ * Feature labels of the SAE whose pages are under `pages` ("" for a single-SAE atlas), from its
+ * compact index (<pages>data/features.js, written by atlas build as
  * `Atlas.loaded("features", {label: [...], ...});`), or an empty map when the site has none.
  */
-export function loadLabels() {
-  labels ??= (async () => {
-    const map = new Map();
-    try {
-      const r = await fetch(new URL("data/features.js", SITE_ROOT));
-      if (r.ok) {
-        const text = await r.text();
-        const json = text.slice(text.indexOf(",") + 1, text.lastIndexOf(")"));
-        const label = JSON.parse(json).label || [];
-        label.forEach((l, i) => l && map.set(i, String(l)));
-      }
-    } catch { /* no index: links show ids only */ }
-    return map;
-  })();
-  return labels;
+export function loadLabels(pages = "") {
+  if (!labels.has(pages)) labels.set(pages, readLabels(pages));
+  return labels.get(pages);
+}
+
+async function readLabels(pages) {
+  const map = new Map();
+  try {
+    const r = await fetch(new URL(`${pages}data/features.js`, SITE_ROOT));
+    if (r.ok) {
+      const text = await r.text();
+      const json = text.slice(text.indexOf(",") + 1, text.lastIndexOf(")"));
+      const label = JSON.parse(json).label || [];
+      label.forEach((l, i) => l && map.set(i, String(l)));
+    }
+  } catch { /* no index: links show ids only */ }
+  return map;
 }
 
 export function el(tag, props = {}, ...children) {
@@ -38,14 +41,15 @@ export function el(tag, props = {}, ...children) {
   return node;
 }
 
-export function featureHref(id) {
-  return new URL(`features/${id}/index.html`, SITE_ROOT).href;
+/** Feature `id`'s page; `pages` is its SAE's folder in the site ("" for a single-SAE atlas, see model.js saePages). */
+export function featureHref(id, pages = "") {
+  return new URL(`${pages}features/${id}/index.html`, SITE_ROOT).href;
 }
 
 /** A list item linking to feature `id`, with its label when known and the activation. */
-export function featureItem(id, act, labelMap) {
+export function featureItem(id, act, labelMap, pages = "") {
   const label = labelMap?.get(id);
-  const a = el("a", { href: featureHref(id), class: "atlas-feature-link" });
+  const a = el("a", { href: featureHref(id, pages), class: "atlas-feature-link" });
   a.append(el("span", { class: "atlas-feature-id", text: `#${id}` }));
   if (label) a.append(" ", el("span", { class: "atlas-feature-label", text: label }));
   const li = el("li", { class: "atlas-feature-item" }, a, " ", el("span", { class: "atlas-act", text: act.toFixed(2) }));
