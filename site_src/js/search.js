@@ -49,7 +49,16 @@
     }, function (e) { status.textContent = e.message; });
   }
 
+  // the query lives in the URL (?q= by label, ?token= by token): Back returns to it, a link shares it
+  function saveState() {
+    var q = input.value, p = new URLSearchParams();
+    if (q) p.set(mode() === "token" ? "token" : "q", q);
+    var query = p.toString();
+    history.replaceState(history.state, "", location.pathname + (query ? "?" + query : "") + location.hash);
+  }
+
   function go() {
+    saveState();
     var q = input.value, my = ++seq, t0 = performance.now();
     if (!q.trim()) { show([], ""); return; }
     if (mode() === "label") byLabel(q.trim(), t0); else byToken(q, t0, my);
