@@ -266,13 +266,14 @@ def test_explorer_state_survives_back(browser, hostile_server):
     rows = page.locator("#atlas-rows tr").all_inner_texts()
     assert page.locator("#atlas-rows .atlas-badge.dominated").count() == 0
     url = page.url
-    assert "q=after" in url and "sort=f1" in url and "page=2" in url and "hide-dominated=1" in url, url
+    assert "filter=after" in url and "sort=f1" in url and "page=2" in url and "hide-dominated=1" in url, url
     page.locator("#atlas-rows a").first.click()
     page.wait_for_url("**/features/*/index.html")
     page.go_back()
     page.wait_for_selector("#atlas-rows a")
     assert page.url == url
     assert page.input_value("#atlas-filter") == "after" and page.is_checked("#atlas-hide-dominated")
+    assert not page.locator(".md-search__input").evaluate("e => e === document.activeElement")  # the theme's search stays shut
     assert page.locator("#atlas-rows tr").all_inner_texts() == rows
     assert page.get_attribute("th:has(button[data-sort=f1])", "aria-sort") == "ascending"
     fresh = _visit(browser, url)                             # shared as a link

@@ -12,7 +12,7 @@
 
   function saveState() {
     var p = new URLSearchParams();
-    if ($("atlas-filter").value) p.set("q", $("atlas-filter").value);
+    if ($("atlas-filter").value) p.set("filter", $("atlas-filter").value); // not "q": the theme's search box opens on ?q=
     Object.keys(SWITCHES).forEach(function (id) {
       var key = SWITCHES[id][0], on = $(id).checked;
       if (on !== SWITCHES[id][1]) p.set("hide-" + key, on ? "1" : "0");
@@ -27,7 +27,7 @@
 
   function loadState() {
     var p = new URLSearchParams(location.search);
-    $("atlas-filter").value = p.get("q") || "";
+    $("atlas-filter").value = p.get("filter") || "";
     Object.keys(SWITCHES).forEach(function (id) {
       var v = p.get("hide-" + SWITCHES[id][0]);
       $(id).checked = v === null ? SWITCHES[id][1] : v === "1";
