@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 
 from browser import check_heatmap, close, ort_reference, serve
-from test_export import export_tiny
+from support import export_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; worker-src 'self'; "
@@ -277,7 +277,7 @@ def test_every_layer_matches_python(browser, suite_site):
     """The cross-layer view: one row per SAE, one column per token; each cell's three strongest
     features are what Python onnxruntime computes on the same trunk and encoder files, linked to
     that SAE's pages. The trunk is downloaded once; each encoder once, when first needed."""
-    from test_export import SUITE
+    from support import SUITE
 
     text = "Tom met Lily in the park. They played with a red ball."
     with serve({PREFIX: suite_site}) as server:

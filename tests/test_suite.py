@@ -201,5 +201,5 @@ def test_import_of_a_release_maps_each_sae_to_its_member(tiny_config, tmp_path, 
     import shutil
 
     shutil.rmtree(release / "sae-0")
-    with pytest.raises(AtlasError, match=r"no SAE folder for L3-64 \(blocks.3.hook_resid_pre, d_sae 64\)"):
+    with pytest.raises(AtlasError, match=r"no SAE folder for L3-128 \(blocks.3.hook_resid_pre, d_sae 128\)"):
         import_sae.run(cfg, release)

@@ -55,12 +55,13 @@ from typing import NamedTuple
 import numpy as np
 from torch import nn
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, ConfigError
 from atlas.export.files import save_model
 from atlas.export.parity import (FALLBACK_TEXTS, PagesReference, check_split, compare, encode_with_bos,
                                  encoder_outputs, frequent_tokens, pages_agreement, pages_reference, parity_contexts,
                                  run_split, session, torch_outputs, trunk_outputs)
 from atlas.export.quantization import AUTO, QUANTIZATIONS, quantize
+from atlas.export.steering import export_steering
 from atlas.export.tracing import (MIN_EXPORT_OPSET, RESIDUAL_INPUT, Encoded, EncoderGraph, encoder_onnx, max_tokens,
                                   residual_name, trunk_onnx)
 from atlas.stage import input_digest, open_stage, require_finite, rerun, sae_digest, source_digest
@@ -117,6 +118,10 @@ def run(cfg, force: bool = False) -> Path:
         require_finite(sae.state_dict(), v.sae_dir / "sae_weights.safetensors",
                        f"run `{rerun('train', v)} --force` to retrain it, or import a finite SAE")
         saes.append(SaeToExport(sae_id, v.model.layer, v.hook_name, sae, v.sae.architecture))
+    for s in saes:
+        if cfg.export.top_k > s.sae.d_sae:  # the SAE's own width: after import-sae it may not be the config's
+            raise ConfigError(f"{cfg.path}: 'export.top_k' = {cfg.export.top_k}: SAE {s.id} has {s.sae.d_sae:,} "
+                              f"latents; set export.top_k to at most {s.sae.d_sae:,}")
     from atlas.model import check_layer, load_model
 
     loaded = load_model(cfg.model.name, cfg.model.revision, device="cpu", dtype="float32",
@@ -220,6 +225,10 @@ def export_dir(out: Path, loaded, saes: list[SaeToExport], cfg, fp: str, context
               "saes": {s["id"]: {"layer": s["layer"], "hook": s["hook"], "encoder_bytes": s["bytes"], "full": full[s["id"]],
                                  "web": modes[mode][s["id"]], "modes": {m: r[s["id"]] for m, r in modes.items()}}
                        for s in sae_meta}}
+    if ex.steering and len(saes) == 1:
+        report["steering"] = export_steering(out, loaded, saes[0].sae, cfg, contexts, max_len, opset, frequent)["gate"]
+    elif ex.steering:
+        print("export: export.steering: steering files are made for runs of one SAE so far; this suite gets none")
     (out / "parity.json").write_text(json.dumps(report, indent=2))
     for sae_id, r in report["saes"].items():
         web = r["web"]

@@ -269,7 +269,7 @@ def main() -> None:
     from atlas import export
     from atlas.config import RunConfig, load_config
     from atlas.model import load_model
-    from test_export import make_sae
+    from support import make_sae
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", nargs="+", default=list(export.QUANTIZATIONS), choices=list(export.QUANTIZATIONS))

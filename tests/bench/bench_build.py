@@ -39,8 +39,7 @@ def mkdocs_time(features_dir: Path, ids: list[int], cfg: RunConfig, manifest: di
 
     table = search_index.read_feature_table(features_dir)
     vocab = shards.read_vocab(features_dir)
-    facts = pages.SiteFacts(n_features=table.n, labels=build._dense_labels(table), vocab=vocab,
-                            has_logits=bool(manifest.get("has_logits", True)))
+    facts = pages.SiteFacts(n_features=table.n, labels=build._dense_labels(table), vocab=vocab)
     template = pages.jinja_env().get_template("feature.html")
     with tempfile.TemporaryDirectory() as tmp:
         docs, site = Path(tmp) / "docs", Path(tmp) / "site"
