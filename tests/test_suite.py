@@ -125,7 +125,7 @@ def _atlas(command: str, config: Path, *extra: str) -> int:
 @pytest.mark.slow
 def test_the_tiny_worlds_suite_end_to_end(tiny_config, capsys):
     """Three layers x a width family of two: one collection, six SAEs in SAELens' format, each analysed
-    in its own folder, and the links between them."""
+    in its own folder, the links between them, and the export (a trunk and six encoders)."""
     import json
 
     import pyarrow.parquet as pq
@@ -150,6 +150,14 @@ def test_the_tiny_worlds_suite_end_to_end(tiny_config, capsys):
     assert links_manifest["members"]["L2-64"]["prev"] == "L1-64" and links_manifest["members"]["L2-64"]["child"] == "L2-128"
     rows = pq.read_table("runs/tiny/links/L2-64.parquet").to_pylist()
     assert {r["feature_id"] for r in rows if r["relation"] == "next"} == set(range(64))
+    # the browser's files: one trunk to the deepest hook, one encoder per SAE, the gate per SAE
+    assert _atlas("export", tiny_config) == 0, capsys.readouterr().err
+    meta = json.loads(Path("runs/tiny/onnx/model.json").read_text())
+    assert meta["trunk"]["outputs"] == {"1": "resid_1", "2": "resid_2", "3": "resid_3"}
+    assert [(s["id"], s["layer"], s["d_sae"]) for s in meta["saes"]] == [(m.id, m.layer, m.d_sae) for m in members(cfg)]
+    parity = json.loads(Path("runs/tiny/onnx/parity.json").read_text())
+    for sae_id, r in parity["saes"].items():
+        assert r["full"]["ok"] and r["web"]["ok"] and r["web"]["pages_top1_agreement"] >= 0.9, (sae_id, r["web"])
     # one member at a time: only it is looked at
     capsys.readouterr()
     assert _atlas("analyze", tiny_config, "--sae", "L3-128") == 0
