@@ -43,17 +43,23 @@ MAX_FILE_BYTES = 95 * 1024 * 1024
 NOTABLE_MARK = "@@ATLAS_NOTABLE@@"
 
 
-def run(cfg: RunConfig, force: bool = False) -> Path:
-    """Build runs/<name>/site from the run's features (skipped when already current)."""
+def run(cfg: RunConfig, force: bool = False, analyser: bool = True) -> Path:
+    """Build runs/<name>/site from the run's features (skipped when already current).
+
+    With `analyser` the export's files are required (a site whose prompt analyser silently went
+    missing is not published); without it the site is built without them (`--no-analyser`)."""
     if is_suite(cfg):
         raise AtlasError(f"{cfg.path}: `atlas build` of a suite of several SAEs is not supported yet; "
                          f"its SAEs are trained and analysed under {cfg.run_dir / 'saes'}")
     features_dir, onnx_dir, out = cfg.features_dir, cfg.onnx_dir, cfg.site_dir
     metrics = cfg.sae_dir / "metrics.jsonl"
+    if analyser and not onnx_dir.exists():
+        raise AtlasError(f"{onnx_dir}: missing: the prompt analyser needs the export's files; run "
+                         f"`{rerun('export', cfg)}` first, or build without the analyser (--no-analyser)")
     inputs = {"features": input_digest(features_dir, "analyze", cfg),
-              "onnx": input_digest(onnx_dir, "export", cfg) if onnx_dir.exists() else "none",
+              "onnx": input_digest(onnx_dir, "export", cfg) if analyser else "none",
               "metrics": sha256_file(metrics) if metrics.exists() else "none", "source": _source_hash()}
-    _require_same_sae(cfg, [(features_dir, "analyze"), (onnx_dir, "export")])
+    _require_same_sae(cfg, [(features_dir, "analyze")] + ([(onnx_dir, "export")] if analyser else []))
     opening = open_stage("build", cfg, out, ("build",), inputs, force)
     if opening.current:
         return out
@@ -61,7 +67,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     _require_finite_features(features_dir, cfg)
     with opening.write() as tmp:
         build_site(cfg, manifest, features_dir, tmp, metrics_path=metrics,
-                   onnx_dir=onnx_dir if onnx_dir.exists() else None)
+                   onnx_dir=onnx_dir if analyser else None)
         n_pages = sum(1 for _ in (tmp / "features").glob("*/index.html"))
         if n_pages != manifest["n_features"]:
             raise AtlasError(f"{features_dir / 'manifest.json'}: {manifest['n_features']:,} features, but the shards "
@@ -220,7 +226,9 @@ def add_csp(site: Path) -> None:
 
 def home_view(cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, metrics: list[dict]) -> dict:
     sae = manifest.get("sae_cfg") or {}
-    arch = sae.get("metadata", {}).get("training_architecture") or sae.get("architecture", cfg.sae.architecture)
+    # the SAE's own cfg.json (recorded by analyze), never the run config's sae section: after
+    # import-sae the two differ
+    arch = (sae.get("metadata") or {}).get("training_architecture") or sae.get("architecture") or "–"
     n = int(sae.get("d_sae", table.n))
     n_tokens = manifest.get("n_tokens")
     analysed = f"the {n_tokens:,} analysed tokens" if isinstance(n_tokens, int) else "the analysed tokens"
@@ -248,8 +256,17 @@ def home_view(cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, 
         else:
             text, help = pages.fmt_num(float(v)), METRIC_HELP.get(k, "")
         metric_rows.append((name, text, help))
-    return {"title": cfg.build.title, "glance": glance, "metrics": metric_rows, "curves": curves(metrics),
+    return {"title": markdown_text(cfg.build.title), "glance": glance, "metrics": metric_rows, "curves": curves(metrics),
             "scores": score_distribution(table, manifest)}
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown literally where Markdown is rendered: its link, emphasis and attribute syntax
+    ([x](javascript:…), {: onclick=…}) escaped. The template's HTML escaping still applies."""
+    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in " ".join(text.split()))
+
+
+MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|$")
 
 
 def score_distribution(table: search_index.FeatureTable, manifest: dict, bins: int = 10, width: int = 320,

@@ -31,7 +31,8 @@ from atlas import distributed
 from atlas.config import RunConfig, hook_name
 from atlas.corpus import iter_contexts, iter_texts
 from atlas.errors import AtlasError
-from atlas.model import check_layer, load_model, resolve_device
+from atlas.model import check_ctx_len, check_layer, load_model, resolve_device
+from atlas.resources import require_disk, require_memory
 from atlas.stage import open_stage, source_digest
 from atlas.store import (StoreInfo, acts_key, finalize, finished_parts, parts_dir, read_store_stamp, tokenizer_hash,
                          write_part)
@@ -52,6 +53,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
                         gguf_file=cfg.model.gguf_file)
     for layer in cfg.layers:  # every hook of a suite, before any output is touched
         check_layer(cfg.path, layer, loaded)
+    check_ctx_len(cfg.path, c.ctx_len, loaded)
+    _check_room(cfg, loaded.d_model, path)
     contexts = iter_contexts(iter_texts(c), loaded.tokenizer, c.ctx_len, loaded.bos_token_id,
                              loaded.separator_token_id)
     first = next(contexts, None)  # fail on a missing or empty corpus before touching any output
@@ -101,6 +104,19 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         print(f"collect: wrote {path} ({produced * c.ctx_len:,} tokens, {produced} contexts, d_model {loaded.d_model})")
     distributed.barrier()
     return path
+
+
+def _check_room(cfg: RunConfig, d_model: int, path: Path) -> None:
+    """The store (every hook of a suite) must fit the disk, the parts a rerun keeps counting as room,
+    and one part the memory; both are checked before the finished store is touched."""
+    c = cfg.corpus
+    per_token = len(cfg.layers) * d_model * np.dtype(c.store_dtype).itemsize + 4
+    reusable = sum(p.stat().st_size for p in parts_dir(path).glob("*.h5")) if parts_dir(path).is_dir() else 0
+    reusable += path.stat().st_size if path.exists() else 0
+    require_disk(c.n_tokens * per_token - reusable, cfg.run_dir, f"corpus.n_tokens = {c.n_tokens:,}",
+                 "lower corpus.n_tokens or free disk space")
+    require_memory(c.chunk_contexts * c.ctx_len * (per_token + 4 * d_model),
+                   f"corpus.chunk_contexts = {c.chunk_contexts:,}", "lower corpus.chunk_contexts")
 
 
 def _prepare_parts(path: Path, fp: str, force: bool, keys: list[str]) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +24,20 @@ import yaml
 from atlas.errors import ConfigError
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+"""sae.architecture values, the one list: atlas/saes/registry.py maps each to its class."""
 WEB_QUANTIZATIONS = ("auto", "w8-emb4", "w8")
 """export.quantization values: atlas.export.QUANTIZATIONS plus "auto" (kept equal by a test)."""
+OPSETS = range(14, 22)
+"""export.opset values: what torch.onnx writes and onnxruntime(-web) runs."""
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+# Bounds on what a config file may be, so that no file makes the loader (or a message) run away.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
+"""Nodes after expanding aliases: a "billion laughs" file is refused, not expanded."""
+MAX_INT = 2**53
+"""Larger integers are no size or count any machine holds; refused before numpy or torch overflow."""
 
 
 @dataclass
@@ -130,11 +143,11 @@ class AnalyzeConfig:
     """"umap" or "pca" for the 2-D feature map."""
     seed: int = 0
     explainer: str = "best-rule"
-    """Which labeller writes feature labels (atlas/labels.py registry): "best-rule" (the best checkable
-    rule per feature, atlas/label_rules.py), "top-tokens", one rule kind ("token-set", "bigram",
+    """Which labeller writes feature labels (atlas/labels/ registry): "best-rule" (the best checkable
+    rule per feature, atlas/labels/rules.py), "top-tokens", one rule kind ("token-set", "bigram",
     "trigram", "after-token", "char-class"), or "openai-compatible" (an LLM; the explainer_* keys)."""
     label_tokens: int = 262_144
-    """Tokens in each of the two label splits (alternating blocks of contexts, atlas/label_data.py):
+    """Tokens in each of the two label splits (alternating blocks of contexts, atlas/labels/data.py):
     rule explainers choose their rules on one, every label is scored on the other."""
     explainer_base_url: str = ""
     """openai-compatible: the API's base URL, e.g. http://localhost:11434/v1 (Ollama),
@@ -297,7 +310,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `section.key=value` overrides and validate it."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
+        raw = _load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except IsADirectoryError:
@@ -306,28 +321,22 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    _check_run_name(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
+            raise ConfigError(f"--set {_show(item)}: expected section.key=value")
         section, _, name = key.partition(".")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{path}: '{section}' must be a mapping")
-        try:
-            raw[section][name] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
+        raw[section][name] = _load_yaml(value, f"--set {_show(item)}", "not a YAML value") if value else ""
     cfg = RunConfig(path=str(path), overrides=tuple(overrides))
     for section, values in raw.items():
         if section not in _SECTIONS:
-            raise ConfigError(f"{path}: unknown section '{section}' (known: {', '.join(_SECTIONS)})")
+            raise ConfigError(f"{path}: unknown section {_show(section)} (known: {', '.join(_SECTIONS)})")
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: '{section}' must be a mapping")
         setattr(cfg, section, _build(path, section, _SECTIONS[section], values))
@@ -345,7 +354,8 @@ def _build(path: Path, section: str, cls, values: dict):
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"{path}: unknown key '{section}.{key}' (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{path}: unknown key '{section}.{_show(key, quote=False)}' "
+                              f"(known: {', '.join(sorted(known))})")
         kwargs[key] = _coerce(path, f"{section}.{key}", hints[key], value)
     return cls(**kwargs)
 
@@ -375,14 +385,97 @@ def _coerce(path: Path, key: str, typ, value):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{path}: '{key}' must be a finite number, got {value!r}")
+        raise ConfigError(f"{path}: '{key}' must be a finite number, got {_show(value)}")
     if typ is int and isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ConfigError(f"{path}: '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{path}: '{key}' must be {typ.__name__}, got {type(value).__name__} {_show(value)}")
+    if typ is int and abs(value) > MAX_INT:
+        raise ConfigError(f"{path}: '{key}' = {value:.3g}: too large (at most 2^53)")
     return value
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 80
+_repr.maxlong = 40
+
+
+def _show(value, quote: bool = True) -> str:
+    """A value as a message shows it: short, whatever its size (a message never prints a whole file)."""
+    text = _repr.repr(value) if quote else _repr.repr(str(value))[1:-1]
+    return text
+
+
+def _check_run_name(path: Path) -> None:
+    """The run folder is runs/<file stem>: a stem that is empty, a dot name or hidden would put the
+    run in runs/ itself or the project root, beside and over other runs' files."""
+    name = path.stem
+    if not name or name.startswith(".") or any(c in name for c in "/\\") or not name.isprintable():
+        raise ConfigError(f"{path}: the run folder is named after the config file, and {_show(name)} cannot "
+                          f"name a folder in runs/ (empty, a dot name or hidden); rename the file, e.g. to run.yaml")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_show(key)}",
+                                                            key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader says so itself
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, where: str, what: str = "not valid YAML"):
+    """Parse YAML with bounds: nesting depth, nodes after alias expansion; one ConfigError on any problem."""
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=_Loader):  # the event parser is iterative: no recursion
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise ConfigError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep "
+                                      f"(line {event.start_mark.line + 1})")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+                raise ConfigError(f"{where}: more than {MAX_YAML_NODES:,} values once its aliases are expanded")
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        problem = _show(getattr(e, "problem", None) or str(e), quote=False)
+        raise ConfigError(f"{where}: {what}{line}: {problem}") from None
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many nodes `node` stands for with every alias expanded (shared nodes counted each time)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 1  # a recursive alias counts once
+    if isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        n = 1
+    sizes[id(node)] = n = min(n, MAX_YAML_NODES + 1)
+    return n
 
 
 def _matryoshka_groups_ok(sae: SAEConfig) -> bool:
@@ -399,13 +492,14 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     def need(ok: bool, key: str, msg: str):
         if not ok:
             value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
-            raise ConfigError(f"{path}: '{key}' = {value!r}: {msg}")
+            raise ConfigError(f"{path}: '{key}' = {_show(value)}: {msg}")
 
     need(min(cfg.layers) >= 0, "model.layer", "must be >= 0")
     need(not cfg.model.gguf_file or cfg.model.gguf_file.endswith(".gguf"), "model.gguf_file", "must end in .gguf")
     need(not (cfg.model.gguf_file and cfg.model.name.endswith(".gguf")), "model.gguf_file",
          "model.name is a .gguf file already; set model.gguf_file only with a directory or hub repo")
     need(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", "must be float32, float16 or bfloat16")
+    need(bool(DEVICE.fullmatch(cfg.model.device)), "model.device", "must be auto, cpu, cuda, cuda:N or mps")
     need(cfg.corpus.ctx_len >= 2, "corpus.ctx_len", "must be >= 2")
     need(cfg.corpus.n_tokens >= cfg.corpus.ctx_len, "corpus.n_tokens", "must hold at least one context")
     need(cfg.corpus.batch_size >= 1, "corpus.batch_size", "must be >= 1")
@@ -413,7 +507,7 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(cfg.corpus.store_dtype in ("float16", "float32"), "corpus.store_dtype", "must be float16 or float32")
     need(0 <= cfg.corpus.eval_fraction < 1, "corpus.eval_fraction", "must be in [0, 1)")
     need(cfg.sae.architecture in ARCHITECTURES, "sae.architecture", f"must be one of {', '.join(ARCHITECTURES)}")
-    need(min(cfg.widths) >= 1, "sae.d_sae", "must be >= 1")
+    need(1 <= min(cfg.widths) and max(cfg.widths) < 2**31, "sae.d_sae", "must be between 1 and 2^31 - 1")
     need(1 <= cfg.sae.k <= min(cfg.widths), "sae.k", "must be between 1 and d_sae")
     need(0 <= cfg.sae.aux_k <= min(cfg.widths), "sae.aux_k", "must be between 0 and d_sae")
     for key in ("lr_scale_w_dec", "lr_scale_b_enc", "lr_scale_b_dec"):
@@ -434,7 +528,7 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(cfg.train.in_memory_max_gb >= 0, "train.in_memory_max_gb", "must be >= 0")
     need(cfg.analyze.n_top >= 1, "analyze.n_top", "must be >= 1")
     need(cfg.analyze.shard_size >= 1, "analyze.shard_size", "must be >= 1")
-    need(cfg.analyze.histogram_bins >= 2, "analyze.histogram_bins", "must be >= 2")
+    need(2 <= cfg.analyze.histogram_bins <= 10_000, "analyze.histogram_bins", "must be between 2 and 10,000")
     need(cfg.analyze.map_method in ("umap", "pca"), "analyze.map_method", "must be umap or pca")
     need(cfg.analyze.batch_tokens >= 1, "analyze.batch_tokens", "must be >= 1")
     need(cfg.analyze.n_intervals >= 1, "analyze.n_intervals", "must be >= 1")
@@ -448,6 +542,8 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(cfg.analyze.label_tokens >= 0, "analyze.label_tokens", "must be >= 0")
     need(cfg.analyze.explainer != "openai-compatible" or bool(cfg.analyze.explainer_base_url),
          "analyze.explainer_base_url", "must be set for the openai-compatible explainer (e.g. http://localhost:11434/v1)")
+    need(not cfg.analyze.explainer_base_url or bool(re.fullmatch(r"https?://[^/\s]+\S*", cfg.analyze.explainer_base_url)),
+         "analyze.explainer_base_url", "must be an http(s) URL")
     need(cfg.analyze.explainer != "openai-compatible" or bool(cfg.analyze.explainer_model),
          "analyze.explainer_model", "must be set for the openai-compatible explainer")
     need(cfg.analyze.explainer_concurrency >= 1, "analyze.explainer_concurrency", "must be >= 1")
@@ -457,8 +553,9 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     # site_url ends up in attributes of every page: a plain http(s) URL or nothing
     need(not cfg.build.site_url or bool(re.fullmatch(r"https?://[^\s\"'<>`]+", cfg.build.site_url)),
          "build.site_url", "must be an http(s) URL")
-    need(1 <= cfg.export.top_k <= min(cfg.widths), "export.top_k", "must be between 1 and sae.d_sae")
+    need(cfg.export.top_k >= 1, "export.top_k", "must be >= 1")  # and at most the SAE's d_sae (atlas export)
     need(cfg.export.parity_texts >= 1, "export.parity_texts", "must be >= 1")
+    need(cfg.export.opset in OPSETS, "export.opset", f"must be between {OPSETS[0]} and {OPSETS[-1]}")
     need(cfg.export.quantization in WEB_QUANTIZATIONS, "export.quantization",
          f"must be one of {', '.join(WEB_QUANTIZATIONS)}")
     need(0 <= cfg.export.min_top1_agreement <= 1, "export.min_top1_agreement", "must be in [0, 1]")

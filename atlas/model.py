@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch import nn
 
 from atlas.corpus import DOC_SEPARATOR
 from atlas.errors import AtlasError, ConfigError
+from atlas.hub import hub_reachable
 from atlas.stage import sha256_file
 
 GGUF_SUFFIX = ".gguf"
@@ -56,20 +56,20 @@ def _set(obj, dotted: str, value) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
+    """model.device as a torch device; one that this machine lacks is a one-line error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return False
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"'model.device' = {device!r}: not a device (auto, cpu, cuda, cuda:N or mps)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"'model.device' = {device!r}: this machine has no CUDA device; use auto or cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(f"'model.device' = {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"'model.device' = {device!r}: MPS is not available here; use auto or cpu")
+    return resolved
 
 
 def _is_hub_id(name: str) -> bool:
@@ -105,7 +105,7 @@ def resolve_pretrained(name: str, revision: str = "main", filename: str = "") ->
         return fetch(local_files_only=True)
     except Exception:
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise AtlasError(
             f"cannot reach the Hugging Face hub and model '{name}' is not in the local cache; "
             f"point the config at a local directory (--set model.name=PATH, or "
@@ -392,6 +392,16 @@ def _convert_gguf(path: Path, out: Path) -> None:
     plain.load_state_dict(model.state_dict())
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def check_ctx_len(cfg_path: str, ctx_len: int, loaded: LoadedModel) -> None:
+    """A context must fit the model's positions (checked before any output is touched)."""
+    config = loaded.model.config
+    positions = next((int(v) for key in ("n_positions", "max_position_embeddings")
+                      if isinstance(v := getattr(config, key, None), int) and v > 0), None)
+    if positions is not None and ctx_len > positions:
+        raise ConfigError(f"{cfg_path}: 'corpus.ctx_len' = {ctx_len}: {loaded.name} has {positions} positions; "
+                          f"set corpus.ctx_len to at most {positions}")
 
 
 def check_layer(cfg_path: str, layer: int, loaded: LoadedModel) -> None:

@@ -6,16 +6,18 @@ script calling `Atlas.loaded("pages/<g>", {...})` (site_src/js/atlas-data.js), s
 it with a <script> tag, which also works from file://. A page's static HTML carries its label,
 score and statistics (readable without JavaScript); site_src/js/feature.js renders the rest.
 
-Why a shared file and not markup in each page: examples as markup are ~7 KB of every page
-(tokens, highlight spans); the same tokens as 2-byte ids, deflated together with the 63 other
-features of their group and written in base 85, take ~2.5 KB, and a group file is one request
-per page (tests/bench/bench_pages.py measures both formats).
+Why a shared file and not markup in each page: examples, histogram, logits and neighbours as
+markup were ~12 KB of every 15 KB page; as typed columns (token ids in 2 bytes), deflated together
+with the other features of their group and written in base 85, the whole feature record takes
+~2.8 KB, and a group file is one request per page (tests/bench/bench_pages.py measures both
+formats: bytes, files, first paint).
 
 Payload (deflated, then base 85 as Python's `base64.b85encode` writes it, whose alphabet needs no
 escaping in a JS string): a little-endian uint32 n, n bytes of JSON header, then the column
 buffers in header order. Header: {"tables": {"features": TABLE, "examples": TABLE}} where TABLE
 is {"n": rows, "columns": [[name, dtype, list?, inline values or null], …]}: a numeric column
-is a buffer of `n` values of its dtype (u1 u2 u4 i1 i2 i4 f2 f4; floats NaN where null); a list
+is a buffer of `n` values of its dtype (u1 u2 u4 i1 i2 i4 f2 f4; NaN where null, an integer column
+with nulls travelling as f4); a list
 column is a u2 buffer of n lengths, then the values; strings, lists of strings and bools travel
 inline in the header. A float list column whose every row is a geometric (`hist_edges`) or linear
 (`interval_edges`) progression from its first to its last value, exactly as analysis computes it
@@ -42,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
-GROUP = 64                       # features per data file: ~170 KB for GPT-2 shapes, one request per page
+GROUP = 64                       # features per data file: ~180 KB for GPT-2 shapes, one request per page
 INTERVAL_WINDOW = (8, 4)         # tokens kept left and right of the marked one in interval samples
 INTERVAL_SAMPLES = 1             # samples kept per interval (by rank)
 HALF_FLOAT = {"acts", "activation"}  # example columns stored as float16 (the page shows 2-3 digits)
@@ -97,6 +99,8 @@ def _int_dtype(values: np.ndarray) -> str:
 
 def _numbers(arr: pa.Array, name: str) -> tuple[str, bytes]:
     """A numeric Arrow array as (dtype, little-endian bytes); floats keep nulls as NaN."""
+    if arr.null_count and not pa.types.is_floating(arr.type):   # a nullable integer (e.g. `group`): float32, NaN for null
+        arr = arr.cast(pa.float32())                               # exact for |values| < 2**24, which such columns are
     if pa.types.is_floating(arr.type):
         values = pc.fill_null(arr.cast(pa.float32()), float("nan")).to_numpy(zero_copy_only=False)
         dtype = "f2" if name in HALF_FLOAT else "f4"

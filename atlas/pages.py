@@ -31,7 +31,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from atlas import page_data, shards
-from atlas.label_rules import Rule
+from atlas.labels.rules import Rule
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 SKELETON = "__atlas_skeleton__"
@@ -289,7 +289,7 @@ def _known(x) -> bool:
 
 
 def score_view(precision, recall, f1, matched: int, fired: int, scoring: str, is_dead: bool) -> dict | None:
-    """A label's held-out score (atlas/label_scores.py) in plain words; None for a dead feature."""
+    """A label's held-out score (atlas/labels/scores.py) in plain words; None for a dead feature."""
     if is_dead:
         return None
     if not _known(f1):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from atlas import shards
 
@@ -46,7 +47,7 @@ class FeatureTable:
     is_dead: np.ndarray
     is_dense: np.ndarray
     label_f1: np.ndarray
-    """The label's held-out F1 (atlas/label_scores.py); NaN where not scored."""
+    """The label's held-out F1 (atlas/labels/scores.py); NaN where not scored."""
     label_precision: np.ndarray
     label_recall: np.ndarray
     heldout_fired: np.ndarray
@@ -60,7 +61,7 @@ class FeatureTable:
 
 
 COLUMNS = ["feature_id", "label", "density", "max_act", "map_x", "map_y", "is_dead", "is_dense", "label_f1",
-           "label_precision", "label_recall", "heldout_fired", "group"]
+           "label_precision", "label_recall", "heldout_fired"]
 
 
 def read_feature_table(features_dir: Path) -> FeatureTable:
@@ -69,10 +70,14 @@ def read_feature_table(features_dir: Path) -> FeatureTable:
         from atlas.errors import AtlasError
 
         raise AtlasError(f"{features_dir}: no features-*.parquet shards; run `atlas analyze` first")
-    cols = {c: [] for c in COLUMNS}
+    cols = {c: [] for c in [*COLUMNS, shards.GROUP_FIELD.name]}
     for p in paths:
         t = shards.read_table(p, shards.FEATURES_SCHEMA).select(COLUMNS)
-        for c in COLUMNS:
+        name = shards.GROUP_FIELD.name  # optional: only an SAE of nested prefixes has it
+        group = (pq.read_table(p, columns=[name]).column(name) if name in pq.read_schema(p).names
+                 else pa.nulls(len(t), shards.GROUP_FIELD.type))
+        t = t.append_column(name, group)
+        for c in [*COLUMNS, name]:
             col = t.column(c)
             if c == "label":
                 cols[c].append(col.to_pylist())

@@ -27,7 +27,7 @@ FEATURES_SCHEMA = pa.schema([
     ("feature_id", pa.int32()),
     ("label", pa.string()),                      # short readable label from the evidence
     ("label_source", pa.string()),               # which explainer wrote it, e.g. "bigram"
-    ("label_rule", pa.string()),                 # the label as a checkable rule (JSON, atlas/label_rules.py); "" for free text
+    ("label_rule", pa.string()),                 # the label as a checkable rule (JSON, atlas/labels/rules.py); "" for free text
     ("label_precision", pa.float32()),           # held-out: share of the label's matches on which the feature fires
     ("label_recall", pa.float32()),              # held-out: share of the feature's activation on the label's matches
     ("label_f1", pa.float32()),                  # their harmonic mean; null: not scored (never fired on held-out data)
@@ -51,10 +51,10 @@ FEATURES_SCHEMA = pa.schema([
     ("map_y", pa.float32()),
     ("is_dead", pa.bool_()),                     # never fired on the analysed tokens
     ("is_dense", pa.bool_()),                    # density above analyze.dense_threshold
-    ("group", pa.int16()),                       # nesting level of a Matryoshka SAE's feature (0: first prefix); null otherwise
 ])
-OPTIONAL_COLUMNS = {"group"}
-"""Columns added after schema v2 was first written: shards without them read as all null."""
+GROUP_FIELD = pa.field("group", pa.int16())
+"""An optional column after FEATURES_SCHEMA's, written only for an SAE trained as nested prefixes
+(Matryoshka): each feature's nesting level, 0 for the first prefix. Readers look for it."""
 
 EXAMPLES_SCHEMA = pa.schema([
     ("feature_id", pa.int32()),
@@ -88,17 +88,10 @@ class FeatureRecord:
 
 def write_table(path: Path, table: pa.Table, schema: pa.Schema) -> None:
     """Write a table with the given schema, atomically (temporary name, then rename)."""
-    table = _with_optional_columns(table, schema).select(schema.names).cast(schema)
+    table = table.select(schema.names).cast(schema)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp, compression=COMPRESSION)
     tmp.replace(path)
-
-
-def _with_optional_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`table` with the schema's OPTIONAL_COLUMNS it lacks added, all null."""
-    for name in sorted(OPTIONAL_COLUMNS & set(schema.names) - set(table.column_names)):
-        table = table.append_column(schema.field(name), pa.nulls(len(table), schema.field(name).type))
-    return table
 
 
 def read_table(path: Path, schema: pa.Schema, filters=None) -> pa.Table:
@@ -110,7 +103,6 @@ def read_table(path: Path, schema: pa.Schema, filters=None) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as e:
         raise AtlasError(f"{path}: corrupt or truncated shard ({str(e).splitlines()[0]}); "
                          f"delete it and run `atlas analyze` again") from None
-    table = _with_optional_columns(table, schema)
     missing = [n for n in schema.names if n not in table.column_names]
     if missing:
         raise AtlasError(f"{path}: not a feature shard of schema v{SCHEMA_VERSION} (missing {', '.join(missing)})")

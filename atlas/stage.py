@@ -107,11 +107,13 @@ class Opening:
 def open_stage(stage: str, cfg, out: Path, sections: tuple[str, ...], inputs: dict, force: bool = False) -> Opening:
     """Fingerprint `out` from the config `sections` and the content digests `inputs`; when it is
     current (and not `force`d) say "<stage>: <out> is up to date". The caller returns early if
-    `.current`, else writes its output with `.write()`."""
+    `.current`, else writes its output with `.write()`. A current output's leftovers (OUT.tmp,
+    OUT.partial, …) are removed."""
     fp = fingerprint(cfg.section_hash(*sections), *inputs.values())
     current = not force and is_current(out, fp)
     if current:
         print(f"{stage}: {out} is up to date")
+        remove_leftovers(out)  # what an interrupted or failed run of the stage left beside it
     return Opening(stage, Path(out), fp, inputs, current, rerun(stage, cfg))
 
 
@@ -203,6 +205,9 @@ def atomic_dir(out: Path, fp: str, **info):
     """
     out = Path(out)
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    if out.exists() and not (out.is_dir() and ((out / STAMP).exists() or not any(out.iterdir()))):
+        raise AtlasError(f"{out}: exists and is not an output of atlas (no {STAMP} in it); it is left alone: "
+                         f"move it away, then run the command again")
     try:
         _remove(tmp)
         tmp.mkdir(parents=True)
@@ -219,6 +224,27 @@ def atomic_dir(out: Path, fp: str, **info):
     except BaseException:
         _remove(tmp, quiet=True)
         raise
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove what an interrupted or failed run left beside the finished output `out`: OUT.tmp*,
+    OUT.old, OUT.partial (a resume state it no longer needs) and temporary files in OUT.parts/.
+    Called once `out` is known to be current, so nothing removed is still needed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f"{glob_escape(out.name)}.*"):
+        rest = p.name[len(out.name) + 1:]
+        if rest.startswith("tmp") or rest in ("old", "partial"):
+            _remove(p, quiet=True)
+    parts = out.with_name(out.name + ".parts")
+    for p in parts.glob("*.tmp*") if parts.is_dir() else ():
+        _remove(p, quiet=True)
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters taken literally."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _remove(path: Path, quiet: bool = False) -> None:
@@ -256,11 +282,13 @@ def run_lock(run_dir: Path, command: str):
         yield
         return
     run_dir = Path(run_dir)
+    existed = run_dir.is_dir()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         f = open(run_dir / LOCK, "a+")
     except OSError as e:
-        raise AtlasError(f"{os_error(e, run_dir)}: cannot create the run folder {run_dir}") from None
+        what = "cannot write in the run folder" if existed else "cannot create the run folder"
+        raise AtlasError(f"{os_error(e, run_dir)}: {what} {run_dir}") from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

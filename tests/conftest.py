@@ -7,6 +7,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from browser import chromium_path, open_browser  # noqa: E402
+from support import tiny_yaml  # noqa: E402
 from tiny_llama import build as build_tiny_llama  # noqa: E402
 from tiny_world import build as build_tiny_world  # noqa: E402
 
@@ -21,7 +22,7 @@ def tiny_world(tmp_path_factory) -> Path:
 def tiny_suite_onnx(tiny_world, tmp_path_factory) -> Path:
     """The tiny world's model and a suite of stand-in SAEs (test_export.SUITE: three layers, a width
     family at one) exported to an onnx/ folder; shared by test_export and test_browser_analyser."""
-    from test_export import export_tiny, suite_saes
+    from support import export_tiny, suite_saes
 
     from atlas.model import load_model
 
@@ -65,20 +66,6 @@ def browser():
 def pytest_report_header(config):
     if chromium_path() is None:
         return "NOTICE: chromium not found; browser tests will be skipped (apt-get install chromium to run them)"
-
-
-def tiny_yaml(tiny_world: Path, folder: Path, **sections) -> Path:
-    """Write configs/tiny.yaml pointing at the tiny world into `folder`; `sections` update its sections."""
-    import yaml
-
-    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    raw["model"]["name"] = str(tiny_world / "model")
-    raw["corpus"]["dataset"] = str(tiny_world / "corpus.jsonl")
-    for name, values in sections.items():
-        raw[name].update(values)
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from atlas.saes import load_sae
 from atlas.shards import read_feature, read_manifest, read_vocab
 from atlas.stage import write_stamp
 from atlas.store import ActivationStore
+from support import interrupting, tiny_yaml, write_sae
 
 _REAL_ITER, _REAL_BATCHES = ActivationStore.iter_batches, Spill.batches
 D_SAE, K = 96, 6
@@ -32,32 +33,11 @@ D_SAE, K = 96, 6
 # A tiny run: `atlas collect` on configs/tiny.yaml, plus a random TopK SAE written in SAELens format.
 
 
-def write_sae(sae_dir: Path, d_in: int, d_sae: int, k: int, seed: int = 0, architecture: str = "topk") -> None:
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    W_dec = torch.randn(d_sae, d_in, generator=g)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
-    W_dec[:4] = W_dec[4:8] + 0.05 * W_dec[:4]  # some near-duplicates, so neighbours are non-trivial
-    tensors = {"W_enc": W_dec.T.contiguous() * 2, "b_enc": torch.zeros(d_sae), "W_dec": W_dec,
-               "b_dec": torch.zeros(d_in)}
-    tensors["b_enc"][-3:] = -1e4  # three features that never fire (dead)
-    sae_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, sae_dir / "sae_weights.safetensors")
-    if architecture == "standard":
-        tensors["b_enc"][:-3] = -1.5  # a plain ReLU SAE, sparse enough to be interesting
-    (sae_dir / "cfg.json").write_text(json.dumps({"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "k": k,
-                                                  "hook_name": "blocks.2.hook_resid_pre"}))
-    (sae_dir / "metrics.json").write_text(json.dumps({"fvu": 0.25, "l0": k}))
-    write_stamp(sae_dir, f"sae-{seed}")
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tiny_world, tmp_path_factory):
     """A folder with tiny.yaml, runs/tiny/activations.h5 (collected) and runs/tiny/sae/."""
     import os
 
-    from conftest import tiny_yaml
 
     root = tmp_path_factory.mktemp("analyze")
     tiny_yaml(tiny_world, root, corpus={"n_tokens": 8192}, sae={"d_sae": D_SAE, "k": K},
@@ -284,18 +264,6 @@ def test_rerun_is_skipped(analyzed, monkeypatch, capsys):
     assert (out / "manifest.json").stat().st_mtime_ns == before
 
 
-def _interrupting(real, after: int):
-    """Wrap a generator function so the generator raises KeyboardInterrupt after `after` items."""
-
-    def gen(*args, **kwargs):
-        for i, item in enumerate(real(*args, **kwargs)):
-            if i == after:
-                raise KeyboardInterrupt
-            yield item
-
-    return gen
-
-
 def test_interrupted_run_resumes_to_the_same_result(analyzed, tiny_run, monkeypatch, tmp_path):
     cfg, out, _, _ = analyzed
     work = tmp_path / "w"
@@ -309,7 +277,7 @@ def test_interrupted_run_resumes_to_the_same_result(analyzed, tiny_run, monkeypa
     partial = Path("runs/tiny/features.partial")
 
     # Killed during the encode pass, after 3 of 9 batches.
-    monkeypatch.setattr(ActivationStore, "iter_batches", _interrupting(_REAL_ITER, 3))
+    monkeypatch.setattr(ActivationStore, "iter_batches", interrupting(_REAL_ITER, 3))
     with pytest.raises(KeyboardInterrupt):
         analyze.run(cfg)
     monkeypatch.setattr(ActivationStore, "iter_batches", _REAL_ITER)
@@ -324,7 +292,7 @@ def test_interrupted_run_resumes_to_the_same_result(analyzed, tiny_run, monkeypa
         return lambda x: (calls.append(len(x)), enc(x))[1]
 
     monkeypatch.setattr(analyze, "sparse_encoder", counting_encoder)
-    monkeypatch.setattr(Spill, "batches", _interrupting(_REAL_BATCHES, 4))
+    monkeypatch.setattr(Spill, "batches", interrupting(_REAL_BATCHES, 4))
     with pytest.raises(KeyboardInterrupt):
         analyze.run(cfg)
     assert len(calls) == 6 and sum(calls) == 8192 - 3000
@@ -333,9 +301,9 @@ def test_interrupted_run_resumes_to_the_same_result(analyzed, tiny_run, monkeypa
     monkeypatch.setattr(Spill, "batches", _REAL_BATCHES)
     calls.clear()
     resumed = analyze.run(cfg)
-    # the stream is not encoded again; only the label splits are (atlas/label_data.py: the choose
+    # the stream is not encoded again; only the label splits are (atlas/labels/data.py: the choose
     # split's blocks of contexts, then the score split's, each in batches of analyze.batch_tokens)
-    from atlas.label_data import split_ranges
+    from atlas.labels.data import split_ranges
 
     store = ActivationStore(Path("runs/tiny/activations.h5"))
     choose, score = split_ranges(store.n_contexts, store.ctx_len, cfg.analyze.label_tokens)

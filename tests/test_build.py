@@ -14,24 +14,8 @@ import synthetic_shards
 from atlas import build, search_index
 from atlas.config import RunConfig
 from atlas.stage import read_stamp, write_stamp
+from support import BUILT_FEATURES as N_FEATURES, built_site, same_values  # noqa: F401  (a fixture)
 
-N_FEATURES = 150
-
-
-@pytest.fixture(scope="session")
-def built_site(tmp_path_factory) -> Path:
-    """runs/synth/site built from a synthetic run (hostile tokens and labels included)."""
-    import os
-
-    work = tmp_path_factory.mktemp("build")
-    synthetic_shards.write(work / "runs" / "synth", N_FEATURES, shard_size=64, n_vocab=300)
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        site = build.run(RunConfig(path="synth.yaml"))
-    finally:
-        os.chdir(cwd)
-    return work / site
 
 
 class _Refs(HTMLParser):
@@ -200,18 +184,6 @@ def test_label_score_and_statistics_in_static_html(built_site):
             assert f"{name} {value}" in text, (row["feature_id"], name)
 
 
-def _same(a, b, rel=0.0) -> bool:
-    """Equal, with NaN equal to NaN or None (a null float), and floats within `rel`."""
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y, rel) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k], rel) for k in a)
-    nan = lambda x: x is None or (isinstance(x, float) and x != x)  # noqa: E731
-    if isinstance(a, float) or isinstance(b, float):
-        return (nan(a) and nan(b)) or (not nan(a) and not nan(b) and abs(a - b) <= rel * abs(b))
-    return a == b
-
-
 def test_page_data_holds_the_shard_records(built_site):
     """data/pages/<g>.js, decoded, equals the shards: every feature row exactly, and the examples the site
     keeps (every top one; per interval the first sample, trimmed), their activations to float16 precision."""
@@ -230,7 +202,7 @@ def test_page_data_holds_the_shard_records(built_site):
         rec = shards.read_feature(features, fid, manifest)
         row = next(r for r in g["features"] if r["feature_id"] == fid)
         for key, value in rec.row.items():
-            assert _same(row[key], value), (fid, key, row[key], value)
+            assert same_values(row[key], value), (fid, key, row[key], value)
         ex = shards.read_table(features / shards.shard_name("examples", fid // manifest["shard_size"]),
                                shards.EXAMPLES_SCHEMA)
         want = page_data.site_examples(ex.filter(pc.equal(ex["feature_id"], fid))).to_pylist()
@@ -239,8 +211,8 @@ def test_page_data_holds_the_shard_records(built_site):
                                             for e in rec.examples)
         half = ("acts", "activation")                                   # float16 in the data files
         for a, b in zip(got, want):
-            assert _same({k: v for k, v in a.items() if k not in half}, {k: v for k, v in b.items() if k not in half})
-            assert _same([a["activation"], *a["acts"]], [b["activation"], *b["acts"]], rel=1e-3), fid
+            assert same_values({k: v for k, v in a.items() if k not in half}, {k: v for k, v in b.items() if k not in half})
+            assert same_values([a["activation"], *a["acts"]], [b["activation"], *b["acts"]], rel=1e-3), fid
         top = sorted((e for e in rec.examples if e["kind"] == "top"), key=lambda e: e["rank"])
         assert [e for e in want if e["kind"] == "top"] == top           # top examples whole, in rank order
         # trimmed interval windows are the shard's own tokens around the marked one
@@ -273,7 +245,7 @@ def test_logits_omitted_without_unembedding(tmp_path, monkeypatch):
 
     synthetic_shards.write(tmp_path / "runs" / "nologits", 20, shard_size=16, n_vocab=100, has_logits=False)
     monkeypatch.chdir(tmp_path)
-    site = build.run(RunConfig(path="nologits.yaml"))
+    site = build.run(RunConfig(path="nologits.yaml"), analyser=False)
     rows = page_data.read_group(site, 0)["features"] + page_data.read_group(site, 1)["features"]
     assert len(rows) == 20 and not any(r["top_logit_ids"] or r["bottom_logit_ids"] for r in rows)
     assert "if (!f.top_logit_ids || !f.top_logit_ids.length) return;" in (site / "js" / "feature.js").read_text()
@@ -291,13 +263,15 @@ def test_group_and_dominated_by_shown_when_present(tmp_path, monkeypatch):
     for path in sorted(features.glob("features-*.parquet")):
         table = pq.read_table(path)
         ids = table.column("feature_id").to_numpy()
-        table = table.append_column("group", pa.array(ids % 3, pa.int32()))
+        group = pa.array(ids % 3, pa.int16())
+        table = (table.set_column(table.column_names.index("group"), "group", group) if "group" in table.column_names
+                 else table.append_column("group", group))
         table = table.append_column("dominated_by", pa.array(
             ["special-token" if i % 4 == 1 else "position" if i % 4 == 2 else "" for i in ids]))
         pq.write_table(table, path)
     write_stamp(features, "synthetic with group and dominated_by")
     monkeypatch.chdir(tmp_path)
-    site = build.run(RunConfig(path="extra.yaml"))
+    site = build.run(RunConfig(path="extra.yaml"), analyser=False)
     for fid in (1, 2, 3):
         text = re.sub(r"\s+", " ", (site / "features" / str(fid) / "index.html").read_text(encoding="utf-8"))
         assert f"Nesting level<dd>{fid % 3}<" in text
@@ -322,7 +296,7 @@ def test_indexes(built_site):
 def test_skip_when_current(built_site, capsys, monkeypatch):
     monkeypatch.chdir(built_site.parent.parent.parent)
     before = read_stamp(built_site)["created"]
-    build.run(RunConfig(path="synth.yaml"))
+    build.run(RunConfig(path="synth.yaml"), analyser=False)
     assert "is up to date" in capsys.readouterr().out
     assert read_stamp(built_site)["created"] == before
 
@@ -332,4 +306,4 @@ def test_missing_features_is_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(AtlasError, match="features"):
-        build.run(RunConfig(path="nothing.yaml"))
+        build.run(RunConfig(path="nothing.yaml"), analyser=False)

@@ -11,7 +11,7 @@ def write(tmp_path, text):
 
 
 def test_shipped_configs_load():
-    from conftest import ROOT
+    from support import ROOT
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = load_config(path)

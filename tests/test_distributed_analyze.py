@@ -100,7 +100,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     try:
         cfg = load_config("tiny.yaml", [s for s in SETTINGS if s != "--set"])
 
-        from test_analyze import _interrupting as interrupting
+        from support import interrupting
 
         real_iter, real_batches = ActivationStore.iter_batches, analyze.spill.Spill.batches
         mine = Path(folder) / "runs" / "tiny" / "features.partial" / f"rank{rank}-of-{world}" / "state.pt"

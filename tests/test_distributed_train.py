@@ -81,7 +81,7 @@ def test_torchrun_train_matches_single_process(tiny_config, tmp_path):
 
 # ---- in-process: resume, and every architecture's per-step state ----------------------------
 
-from test_train import SAE as TOPK, TC, data as _data  # noqa: E402  the single-process tests' setup
+from support import TRAIN_CFG as TC, TRAIN_SAE as TOPK, train_data as _data  # noqa: E402  the single-process tests' setup
 OTHERS = {
     "batchtopk": SAEConfig(architecture="batchtopk", d_sae=64, k=4, aux_k=16),
     "relu": SAEConfig(architecture="relu", d_sae=64, l1_coefficient=5.0, resample_dead=True),  # revives latents

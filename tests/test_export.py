@@ -19,76 +19,12 @@ from atlas.export.quantization import (EMBED_BLOCK, RARE_EMBED_BLOCK, _quantize_
 from atlas.config import WEB_QUANTIZATIONS, RunConfig
 from atlas.errors import AtlasError
 from atlas.model import load_model
+from support import D_SAE, LAYER, SUITE, corpus_frequency, export_tiny, make_sae, single, suite_saes, tiny_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYER, D_SAE = 2, 256
-SUITE = [("L1", 1, 256), ("L2-256", 2, 256), ("L2-512", 2, 512), ("L3", 3, 256)]
-"""The tiny suite: (id, layer, d_sae); three layers and a width family at layer 2."""
 TRICKY = ["Hello world", " leading space", "  two spaces", "new\nline", "\n\ntwo newlines\n", "tab\there",
           "café naïve résumé", "日本語のテキスト", "emoji 🙂👍🏽 and flags 🇫🇷", "<|endoftext|>", "a<|endoftext|>b",
           "<script>alert(1)</script>", "numbers 12345 3.14", "don't won't it's", "", " "]
-
-
-class StandInSAE(nn.Module):
-    """A ReLU SAE encoder with fixed random weights, the shape `atlas.saes` SAEs have."""
-
-    def __init__(self, d_in: int, d_sae: int, seed: int = 0, b_dec: torch.Tensor | None = None):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.W_enc = nn.Parameter(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-        self.b_enc = nn.Parameter(torch.randn(d_sae, generator=g) * 0.1)
-        self.W_dec = nn.Parameter(self.W_enc.data.T.clone())
-        self.b_dec = nn.Parameter(torch.zeros(d_in) if b_dec is None else b_dec.clone())
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def encode_top(self, x: torch.Tensor, k: int):
-        from atlas.saes.base import top_of_dense
-
-        return top_of_dense(self.encode(x), k)
-
-
-def make_sae(d_in: int, d_sae: int = D_SAE, b_dec: torch.Tensor | None = None, seed: int = 0) -> nn.Module:
-    return StandInSAE(d_in, d_sae, seed=seed, b_dec=b_dec).eval().requires_grad_(False)
-
-
-def suite_saes(d_in: int, suite=SUITE) -> list[export.SaeToExport]:
-    """Stand-in SAEs for `suite`, each with its own random weights."""
-    return [export.SaeToExport(i, layer, f"blocks.{layer}.hook_resid_pre", make_sae(d_in, d, seed=n), "relu")
-            for n, (i, layer, d) in enumerate(suite)]
-
-
-def single(sae: nn.Module, layer: int = LAYER) -> list[export.SaeToExport]:
-    """One SAE as a suite of one, with the id a single-SAE run gives it."""
-    return [export.SaeToExport(f"L{layer}", layer, f"blocks.{layer}.hook_resid_pre", sae, "relu")]
-
-
-def tiny_cfg(world: Path, quantization: str = "auto", min_top1: float = 0.97, min_overlap: float = 0.95) -> RunConfig:
-    cfg = RunConfig()
-    cfg.model.name, cfg.model.layer = str(world / "model"), LAYER
-    cfg.corpus.dataset = str(world / "corpus.jsonl")
-    cfg.export.quantization = quantization
-    cfg.export.min_top1_agreement, cfg.export.min_topk_overlap = min_top1, min_overlap
-    return cfg
-
-
-def export_tiny(world: Path, out: Path, quantization: str = "auto", min_top1: float = 0.97,
-                min_overlap: float = 0.95, saes: list[export.SaeToExport] | None = None) -> Path:
-    """Export the tiny world's model plus `saes` (default: one stand-in SAE at layer 2) into `out`; returns `out`."""
-    cfg = tiny_cfg(world, quantization, min_top1, min_overlap)
-    loaded = load_model(cfg.model.name)
-    out.mkdir(parents=True, exist_ok=True)
-    export.export_dir(out, loaded, saes or single(make_sae(loaded.d_model)), cfg, "test",
-                      export.parity_contexts(cfg, loaded), corpus_frequency(world, loaded))
-    return out
-
-
-def corpus_frequency(world: Path, loaded) -> np.ndarray:
-    """Token ids by falling frequency in the world's corpus: what a run's store gives `frequent_tokens`."""
-    texts = [json.loads(line)["text"] for line in (world / "corpus.jsonl").read_text().splitlines()]
-    counts = np.bincount(np.concatenate([loaded.tokenizer(t)["input_ids"] for t in texts]))
-    return np.argsort(-counts, kind="stable")[:int((counts > 0).sum())]
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from atlas.cli import main
+from support import llm_config, raw_http_server, tiny_yaml
 from atlas.stage import damage, read_stamp, sha256_file, write_stamp
 
 CONFIG = "tiny.yaml"
@@ -57,7 +58,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def finished(tiny_world, tmp_path_factory) -> Path:
     """A folder with tiny.yaml, its own corpus and a finished runs/tiny (every stage)."""
-    from conftest import tiny_yaml
 
     root = tmp_path_factory.mktemp("faults")
     shutil.copy(tiny_world / "corpus.jsonl", root / "corpus.jsonl")
@@ -528,3 +528,378 @@ def test_site_folder_that_cannot_be_written(work, capsys, reference, monkeypatch
     monkeypatch.setattr(Path, "mkdir", real_mkdir)
     nothing_falsely_finished(work)
     rerun_equals_clean(capsys, work, reference)
+
+
+# ---- issue 17: hostile input, third round -----------------------------------------------------------
+# Each case checks one `error:` line (or success) and that nothing finished was touched: the stamps'
+# mtimes (`written`) and the published content (`result`) are as before. They run in-process where
+# they can; the finished run is only copied, never rebuilt, unless the case is a rebuild.
+
+
+def untouched(root: Path, before: dict, reference: dict) -> None:
+    """No output was rewritten, none is damaged, nothing landed outside runs/tiny."""
+    assert written(root) == before
+    nothing_falsely_finished(root)
+    assert result(root) == reference
+    assert not (root / "activations.h5").exists() and not (root / LOCK_FILE).exists()
+
+
+LOCK_FILE = ".lock"
+
+
+@pytest.mark.parametrize("name", ["...yaml", "..yaml", ".yaml", ".hidden.yaml"])
+def test_config_whose_name_escapes_runs_is_refused(work, capsys, reference, name):
+    before = written(work)
+    Path(name).write_text(Path(CONFIG).read_text())
+    failed(atlas(capsys, "train", "--config", name, "--force"), "the run folder is named after the config file", code=2)
+    untouched(work, before, reference)
+    assert sorted(p.name for p in (work / "runs").iterdir()) == ["tiny"]
+
+
+def _laughs(depth: int = 9) -> str:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, depth + 1):
+        prev, cur = chr(96 + i), chr(97 + i)
+        lines.append(f"{cur}: &{cur} [{', '.join(['*' + prev] * 9)}]")
+    return "\n".join(lines) + f"\nbuild:\n  title: *{chr(97 + depth)}\n"
+
+
+@pytest.mark.parametrize("text, needle", [
+    (_laughs(), "more than 100,000 values once its aliases are expanded"),
+    ("model: " + "[" * 20000 + "]" * 20000 + "\n", "nested more than 32 levels deep"),
+    ("build:\n  title: a\nbuild:\n  title: b\n", "duplicate key 'build'"),
+    ("build:\n  title: a\n  title: b\n", "duplicate key 'title'"),
+], ids=["billion-laughs", "nested-20000", "duplicate-section", "duplicate-key"])
+def test_hostile_yaml_is_one_short_line(tmp_path, monkeypatch, capsys, text, needle):
+    monkeypatch.chdir(tmp_path)
+    Path("hostile.yaml").write_text(text)
+    t0 = time.perf_counter()
+    line = failed(atlas(capsys, "all", "--config", "hostile.yaml"), "hostile.yaml", needle, code=2)
+    assert time.perf_counter() - t0 < 10 and len(line) < 300
+    assert not Path("runs").exists()
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("model.device=banana", "'model.device' = 'banana': must be auto, cpu, cuda, cuda:N or mps"),
+    ("export.opset=99", "'export.opset' = 99: must be between 14 and 21"),
+    ("analyze.histogram_bins=1e10", "'analyze.histogram_bins' = 10000000000: must be between 2 and 10,000"),
+    ("sae.d_sae=1e30", "'sae.d_sae' = 1e+30: too large"),
+    ("sae.d_sae=1e11", "'sae.d_sae' = 100000000000: must be between 1 and 2^31 - 1"),
+    ("corpus.n_tokens=1e400", "'corpus.n_tokens' must be int, got float inf"),
+    ("build.title=[" + "xxxxxxxx, " * 5000 + "]", "'build.title' must be str, got list ['xxxxxxxx', "),
+    ("build.title=" + "[" * 5000 + "]" * 5000, "--set 'build.title=[[[[[["),
+    ("analyze.explainer_base_url=localhost:11434", "'analyze.explainer_base_url'"),
+], ids=["device", "opset", "histogram-bins", "d_sae-1e30", "d_sae-1e11", "n_tokens-1e400", "long-value", "deep-value",
+        "llm-url"])
+def test_impossible_setting_is_refused_before_any_work(tmp_path, monkeypatch, capsys, setting, needle):
+    monkeypatch.chdir(tmp_path)
+    Path("tiny.yaml").write_text("build:\n  title: t\n")
+    line = failed(atlas(capsys, "all", "--config", "tiny.yaml", "--set", setting), needle, code=2)
+    assert len(line) < 400
+    assert not Path("runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_keeps_the_store(work, capsys, reference):
+    before = written(work)
+    failed(atlas(capsys, "collect", "--config", CONFIG, "--set", "model.device=cuda"),
+           "'model.device' = 'cuda': this machine has no CUDA device", code=2)
+    untouched(work, before, reference)
+
+
+def test_ctx_len_beyond_the_models_positions_keeps_the_store(work, capsys, reference):
+    before = written(work)
+    failed(atlas(capsys, "collect", "--config", CONFIG, "--set", "corpus.ctx_len=129"),
+           "'corpus.ctx_len' = 129", "has 128 positions", code=2)
+    untouched(work, before, reference)
+
+
+def test_store_too_large_for_the_disk_is_refused_with_the_figure(work, capsys, reference):
+    before = written(work)
+    line = failed(atlas(capsys, "collect", "--config", CONFIG, "--set", "corpus.n_tokens=1e13"),
+                  "corpus.n_tokens = 10,000,000,000,000 needs about", "of disk")
+    assert re.search(r"needs about [\d.,]+ [kMGT]?B of disk under runs/tiny, [\d.,]+ [kMGT]?B is free", line), line
+    untouched(work, before, reference)
+
+
+def test_batch_larger_than_the_training_split_is_refused_at_once(work, capsys, reference):
+    before = written(work)
+    failed(atlas(capsys, "train", "--config", CONFIG, "--set", "train.batch_size=1e10"),
+           "'train.batch_size' = 10,000,000,000 exceeds the", "training tokens in the store")
+    untouched(work, before, reference)
+
+
+def test_sae_too_large_for_memory_is_refused_with_the_figure(work, capsys, reference):
+    before = written(work)
+    failed(atlas(capsys, "train", "--config", CONFIG, "--set", "sae.d_sae=2000000000", "--set", "sae.aux_k=8"),
+           "sae.d_sae = 2,000,000,000 with train.batch_size = 512 needs about", "of memory")
+    untouched(work, before, reference)
+
+
+def test_build_without_the_export_keeps_the_site_unless_told(work, capsys, reference):
+    shutil.rmtree(work / RUN / "onnx")
+    before = written(work)
+    failed(atlas(capsys, "build", "--config", CONFIG, "--force"), "runs/tiny/onnx: missing", "--no-analyser")
+    assert written(work)["site"] == before["site"]
+    site = work / RUN / "site"
+    assert damage(site, read_stamp(site)) is None
+    assert (work / RUN / "site" / "onnx").is_dir()  # the finished site keeps its analyser
+    r = succeeded(atlas(capsys, "build", "--config", CONFIG, "--no-analyser"))
+    assert "build: wrote" in r.out and not (work / RUN / "site" / "onnx").exists()
+
+
+def test_markdown_in_the_title_is_shown_as_text(work, capsys):
+    title = "[Home](javascript:alert(1)) *bold* {: onclick=alert(2)}"
+    succeeded(atlas(capsys, "build", "--config", CONFIG, "--set", f"build.title='{title}'"))
+    home = (work / RUN / "site" / "index.html").read_text(encoding="utf-8")
+    assert 'href="javascript' not in home and "<strong>bold" not in home and "<em>bold" not in home
+    assert ' onclick="' not in home and " onclick=" not in home.replace("{: onclick=alert(2)}", "")
+    heading = re.search(r"<h1[^>]*>(.*?)</h1>", home, re.S).group(1)
+    assert heading.startswith(title), heading  # shown as written
+
+
+def test_leftovers_of_failed_runs_go_with_the_next_successful_one(work, capsys, reference):
+    run = work / RUN
+    made = [run / "site.tmp", run / "features.partial", run / "sae.tmp", run / "onnx.old", run / "features.tmp"]
+    for p in made:
+        p.mkdir()
+        (p / "junk").write_text("x")
+    (run / "activations.h5.parts" / "part-00099.h5.tmp123").write_text("x")
+    (run / "activations.h5.tmp").write_text("x")
+    before = written(work)
+    assert succeeded(atlas(capsys, "all", "--config", CONFIG)).out.count("up to date") == 5
+    assert written(work) == before
+    assert not [p for p in made if p.exists()]
+    assert not list(run.glob("*.tmp*")) and not list((run / "activations.h5.parts").glob("*.tmp*"))
+
+
+def test_a_folder_that_is_no_stage_output_is_never_replaced(work, capsys, reference):
+    site = work / RUN / "site"
+    shutil.rmtree(site)
+    site.mkdir()
+    (site / "my-notes.txt").write_text("mine")
+    failed(atlas(capsys, "build", "--config", CONFIG), "runs/tiny/site: exists and is not an output of atlas")
+    assert (site / "my-notes.txt").read_text() == "mine" and sorted(os.listdir(site)) == ["my-notes.txt"]
+
+
+def test_unexpected_exception_is_one_line_and_a_log(work, capsys, monkeypatch):
+    from atlas import build as build_stage
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something deep went wrong\nsecond line")
+
+    monkeypatch.setattr(build_stage, "build_site", broken)
+    line = failed(atlas(capsys, "build", "--config", CONFIG, "--force"),
+                  "unexpected failure in build: RuntimeError: something deep went wrong",
+                  "the full trace is in runs/tiny/atlas-error.log")
+    assert "second line" not in line
+    log = (work / RUN / "atlas-error.log").read_text()
+    assert "Traceback" in log and "something deep went wrong" in log and "broken" in log
+    nothing_falsely_finished(work)
+    monkeypatch.setenv("ATLAS_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["build", "--config", CONFIG, "--force"])
+
+
+def test_recursion_deep_in_a_library_is_one_line(work, capsys, monkeypatch):
+    from atlas import build as build_stage
+
+    def recurse(*args, **kwargs):
+        return recurse()
+
+    monkeypatch.setattr(build_stage, "build_site", recurse)
+    failed(atlas(capsys, "build", "--config", CONFIG, "--force"), "unexpected failure in build: RecursionError")
+    nothing_falsely_finished(work)
+
+
+def test_sigterm_during_build_says_what_was_kept(work, reference):
+    proc = spawn("all", "--config", CONFIG, "--set", "build.title=Another title")
+    tmp = work / RUN / "site.tmp"
+    deadline = time.time() + 300
+    while not (tmp / "features").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "terminated" in ln]
+    assert lines == ["atlas all: terminated during build; finished and kept: collect, train, analyze, export; "
+                     "build's previous output was left as it was; run it again to resume"], err[-2000:]
+    assert not tmp.exists()
+    site = work / RUN / "site"
+    assert damage(site, read_stamp(site)) is None
+
+
+def test_run_folder_that_cannot_be_written_is_not_called_uncreatable(work, capsys, monkeypatch):
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def deny_lock(file, *args, **kwargs):
+        if str(file).endswith("runs/tiny/.lock"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny_lock)
+    line = failed(atlas(capsys, "build", "--config", CONFIG), "Permission denied")
+    assert "cannot write in the run folder runs/tiny" in line
+
+
+# ---- corpus files ----------------------------------------------------------------------------------
+
+
+def test_corpus_text_forms(tmp_path):
+    from atlas.config import CorpusConfig
+    from atlas.corpus import iter_texts
+
+    def texts(name: str, data: bytes) -> list[str]:
+        (tmp_path / name).write_bytes(data)
+        return list(iter_texts(CorpusConfig(dataset=str(tmp_path / name))))
+
+    bom = "\ufeff".encode()
+    assert texts("bom.jsonl", bom + b'{"text": "one"}\n{"text": "two"}\n') == ["one", "two"]
+    assert texts("bom.txt", bom + b"one\n\ntwo\n") == ["one", "two"]
+    assert texts("blank.jsonl", b'{"text": "  "}\n{"text": "\\n\\t"}\n{"text": "real"}\n') == ["real"]
+
+
+def test_deeply_nested_jsonl_line_is_one_line(work, capsys, reference):
+    before = written(work)
+    Path("deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    failed(atlas(capsys, "collect", "--config", CONFIG, "--set", "corpus.dataset=deep.jsonl"),
+           "deep.jsonl:2: JSON nested too deeply")
+    untouched(work, before, reference)
+
+
+def test_whitespace_only_corpus_builds_no_store(work, capsys, reference):
+    before = written(work)
+    Path("blank.jsonl").write_text('{"text": "   "}\n{"text": "\\n\\n"}\n' * 50)
+    failed(atlas(capsys, "collect", "--config", CONFIG, "--set", "corpus.dataset=blank.jsonl"),
+           "corpus 'blank.jsonl' yielded no text")
+    untouched(work, before, reference)
+
+
+def test_long_lines_are_tokenised_in_bounded_pieces(tiny_world):
+    import transformers
+
+    from atlas import corpus
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_world / "model")
+    seen = []
+
+    def recording(texts, **kw):
+        seen.append(sum(len(t) for t in texts))
+        return tok(texts, **kw)
+
+    words = [json.loads(line)["text"] for line in (tiny_world / "corpus.jsonl").read_text().splitlines()]
+    long_doc = " ".join(words)
+    long_doc = (long_doc + " ") * (4 * corpus.BATCH_CHARS // len(long_doc) + 1)
+    docs = ["A short one.", long_doc, "And after it."]
+    got = np.concatenate(list(corpus.iter_contexts(docs, recording, 32, 0, 1)))
+    assert max(seen) <= corpus.BATCH_CHARS + corpus.PIECE_CHARS
+    # the cuts fall before spaces, where the tokenizer splits anyway: the same stream as uncut
+    stream = []
+    for d in docs:
+        stream += tok(d, add_special_tokens=False)["input_ids"] + [1]
+    n = len(stream) // 31
+    want = np.concatenate([[0] + stream[i * 31:(i + 1) * 31] for i in range(n)])
+    np.testing.assert_array_equal(got, want)
+
+
+# ---- import-sae: a hostile cfg.json ----------------------------------------------------------------
+
+
+def _edit_cfg(src: Path, dst: Path, text: str | bytes | None = None, **changes) -> Path:
+    _saelens_copy(src, dst)
+    if text is None:
+        cfg = json.loads((dst / "cfg.json").read_text())
+        cfg.update(changes)
+        text = json.dumps(cfg)
+    (dst / "cfg.json").write_bytes(text.encode() if isinstance(text, str) else text)
+    return dst
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"d_sae": 10**9}, "'W_enc' has shape [64, 256], but cfg.json declares d_in = 64, d_sae = 1000000000"),
+    ({"metadata": [1, 2]}, "'metadata' must be a JSON object, got list"),
+    ({"d_in": -3}, "'d_in' = -3: needs an integer between 1 and 2^31 - 1"),
+    ("d_in_1e400", "'d_in' = inf: needs an integer"),
+    ("latin1", "cfg.json: not UTF-8 text"),
+    ("deep", "cfg.json: JSON nested too deeply"),
+], ids=["huge-d_sae", "metadata-list", "negative-d_in", "d_in-1e400", "not-utf8", "nested-100000"])
+def test_hostile_cfg_json_is_refused_before_any_allocation(work, capsys, reference, tmp_path, change, needle):
+    src = work / RUN / "sae"
+    if change == "d_in_1e400":
+        text = (src / "cfg.json").read_text().replace('"d_in": 64', '"d_in": 1e400')
+        source = _edit_cfg(src, tmp_path / "sae", text)
+    elif change == "latin1":
+        source = _edit_cfg(src, tmp_path / "sae", (src / "cfg.json").read_bytes().replace(b"{", b'{"x": "caf\xe9", ', 1))
+    elif change == "deep":
+        source = _edit_cfg(src, tmp_path / "sae", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    else:
+        source = _edit_cfg(src, tmp_path / "sae", **change)
+    before = written(work)
+    failed(atlas(capsys, "import-sae", str(source), "--config", CONFIG), needle)
+    untouched(work, before, reference)
+
+
+# ---- the LLM explainer's endpoint -------------------------------------------------------------------
+
+_OK = b'{"choices": [{"message": {"content": "Explanation: a label"}}]}'
+
+
+def _trickle(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(_OK))
+    for byte in _OK:
+        conn.sendall(bytes([byte]))
+        time.sleep(0.3)
+
+
+def _huge_content(conn):
+    body = json.dumps({"choices": [{"message": {"content": "x" * 500_000}}]}).encode()
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+@pytest.mark.parametrize("answer, needle", [
+    (_trickle, "no complete answer within 1 s after 2 tries"),
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + _OK),
+     "the answer ended after 63 bytes, 937 short of its Content-Length"),
+    (lambda c: c.sendall(b"HELLO THERE\r\n\r\n"), "a broken HTTP answer (BadStatusLine: 'HELLO THERE')"),
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n\xff\xfe\xfd\xfc"), "the answer is not UTF-8"),
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * (2 << 20)), "an answer over 1,048,576 bytes"),
+    (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9999999999\r\n\r\n"), "an answer of 9,999,999,999 bytes"),
+], ids=["trickle", "short-body", "garbage-status", "not-utf8", "endless-body", "huge-length"])
+def test_broken_llm_endpoint_is_one_line_within_the_deadline(answer, needle):
+    from atlas.errors import AtlasError
+    from atlas.labels.llm import AnswerCache, ChatClient
+
+    with raw_http_server(answer) as url:
+        client = ChatClient(llm_config(url, retries=1, timeout=1), AnswerCache(None), backoff=0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(AtlasError) as e:
+            client.complete("s", "u", 5)
+    assert time.perf_counter() - t0 < 2 * 1 + 2
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_llm_answers_are_kept_bounded(tmp_path):
+    from atlas.labels.llm import MAX_ANSWER, AnswerCache, ChatClient
+
+    with raw_http_server(_huge_content) as url:
+        client = ChatClient(llm_config(url, retries=0, timeout=5), AnswerCache(tmp_path))
+        assert len(client.complete("s", "u", 5)) == MAX_ANSWER
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*.json")) < 2 * MAX_ANSWER
+
+
+@pytest.mark.parametrize("key", ["n_positions", "max_position_embeddings"])
+def test_ctx_len_is_checked_against_either_position_key(key):
+    """GPT-2 names its positions n_positions, Llama (a GGUF's converted config too) max_position_embeddings."""
+    from types import SimpleNamespace
+
+    from atlas.errors import ConfigError
+    from atlas.model import check_ctx_len
+
+    loaded = SimpleNamespace(name="m.gguf", model=SimpleNamespace(config=SimpleNamespace(**{key: 128})))
+    check_ctx_len("x.yaml", 128, loaded)
+    with pytest.raises(ConfigError, match=r"'corpus.ctx_len' = 512: m.gguf has 128 positions"):
+        check_ctx_len("x.yaml", 512, loaded)

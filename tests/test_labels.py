@@ -1,4 +1,4 @@
-"""Label scores and rule explainers (atlas/label_data.py, label_rules.py, label_scores.py) and how the
+"""Label scores and rule explainers (atlas/labels/data.py, label_rules.py, label_scores.py) and how the
 site shows them: every score in the shards against a brute-force count on the tiny world, rules on
 hand-made splits, and the pages, indexes, explorer and notable page built from scored shards."""
 
@@ -16,18 +16,20 @@ import pytest
 import torch
 
 import synthetic_shards
-from atlas import analyze, build, label_data, label_rules
+from atlas import analyze, build
 from atlas.cli import main
 from atlas.config import RunConfig, load_config
 from atlas.errors import ConfigError
-from atlas.label_data import CLASS_BITS, PrefixIndex, Split
-from atlas.label_rules import Rule, search
-from atlas.label_scores import score_rule
 from atlas.labels import Evidence, Explainer, get_explainer, register
+from atlas.labels import data as label_data
+from atlas.labels import rules as label_rules
+from atlas.labels.data import CLASS_BITS, PrefixIndex, Split
+from atlas.labels.rules import Rule, search
+from atlas.labels.scores import score_rule
 from atlas.saes import load_sae
 from atlas.shards import read_vocab
 from atlas.store import ActivationStore
-from test_analyze import write_sae
+from support import tiny_yaml, write_sae
 
 D_SAE, K = 96, 6
 BLOCK = label_data.BLOCK
@@ -52,7 +54,6 @@ class _Spy(Explainer):
 @pytest.fixture(scope="module")
 def scored(tiny_world, tmp_path_factory):
     """(features dataframe, vocab, dense codes [n_tokens, d_sae] with BOS rows zeroed, store tokens, examples)."""
-    from conftest import tiny_yaml
 
     root = tmp_path_factory.mktemp("labels")
     tiny_yaml(tiny_world, root, corpus={"n_tokens": 8192}, sae={"d_sae": D_SAE, "k": K},
@@ -259,7 +260,7 @@ def site(tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        return work / build.run(RunConfig(path="synth.yaml"))
+        return work / build.run(RunConfig(path="synth.yaml"), analyser=False)
     finally:
         os.chdir(cwd)
 

@@ -1,4 +1,4 @@
-"""The openai-compatible explainer (atlas/llm_explainer.py) against a small OpenAI-compatible HTTP
+"""The openai-compatible explainer (atlas/labels/llm.py) against a small OpenAI-compatible HTTP
 server started by the test: request shape, retries with backoff, the answer cache (a rerun and an
 interrupted run cost nothing twice), the concurrency limit, clear errors, and detection scores on
 the tiny world checked against a brute-force count."""
@@ -18,14 +18,15 @@ import pandas as pd
 import pytest
 import torch
 
-from atlas import analyze, label_data
+from atlas import analyze
 from atlas.cli import main
 from atlas.config import load_config
 from atlas.errors import AtlasError, ConfigError
-from atlas.llm_explainer import AnswerCache, ChatClient, LLMSettings, OpenAICompatible, parse_detection
+from atlas.labels import data as label_data
+from atlas.labels.llm import AnswerCache, ChatClient, OpenAICompatible, parse_detection
 from atlas.saes import load_sae
 from atlas.store import ActivationStore
-from test_analyze import write_sae
+from support import llm_config, tiny_yaml, write_sae
 
 LABEL = "the word park <b>"
 
@@ -99,7 +100,8 @@ def llm():
 
 
 def client(llm: FakeLLM, cache: Path | None, **kw) -> ChatClient:
-    return ChatClient(LLMSettings(base_url=llm.base_url, model="m", backoff=0.01, **kw), AnswerCache(cache))
+    api_key = kw.pop("api_key", "")
+    return ChatClient(llm_config(llm.base_url, **kw), AnswerCache(cache), api_key, backoff=0.01)
 
 
 def test_request_shape_cache_and_key(llm, tmp_path):
@@ -129,8 +131,7 @@ def test_other_http_errors_stop_at_once_with_one_line(llm):
         client(llm, None, retries=5).complete("s", "u", 5)
     assert "HTTP 401" in str(e.value) and "\n" not in str(e.value) and len(llm.requests) == 1
     with pytest.raises(AtlasError, match="after 1 tries"):
-        ChatClient(LLMSettings(base_url="http://127.0.0.1:9/v1", model="m", retries=0, timeout=2),
-                   AnswerCache(None)).complete("s", "u", 5)
+        ChatClient(llm_config("http://127.0.0.1:9/v1", retries=0, timeout=2), AnswerCache(None)).complete("s", "u", 5)
 
 
 def test_concurrency_is_limited(tmp_path):
@@ -138,7 +139,7 @@ def test_concurrency_is_limited(tmp_path):
 
     slow = FakeLLM(delay=0.05)
     try:
-        ex = OpenAICompatible(LLMSettings(base_url=slow.base_url, model="m", concurrency=3, backoff=0.01))
+        ex = OpenAICompatible(llm_config(slow.base_url, concurrency=3), backoff=0.01)
         evidence = [Evidence(i, False, 0.01, 1.0, windows=[[1, 2, 3]], window_acts=[[0.0, 1.0, 0.0]]) for i in range(12)]
         labels = ex.explain(evidence, ["a", "b", "c", "d"])
         assert [x.label for x in labels] == [LABEL] * 12 and 2 <= slow.max_inflight <= 3
@@ -156,7 +157,7 @@ def test_api_key_variable_must_exist(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="environment variable ATLAS_TEST_KEY is not set"):
         OpenAICompatible.from_config(a, None)
     monkeypatch.setenv("ATLAS_TEST_KEY", "k")
-    assert OpenAICompatible.from_config(a, None).settings.api_key == "k"
+    assert OpenAICompatible.from_config(a, None).client.api_key == "k"
 
 
 def test_parse_detection():
@@ -172,7 +173,6 @@ def test_parse_detection():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_world, tmp_path_factory):
-    from conftest import tiny_yaml
 
     root = tmp_path_factory.mktemp("llm")
     tiny_yaml(tiny_world, root, corpus={"n_tokens": 8192}, sae={"d_sae": 96, "k": 6}, analyze={"batch_tokens": 1000})

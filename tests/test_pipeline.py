@@ -6,6 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from support import tiny_yaml
+
 from atlas.cli import main
 
 
@@ -13,7 +15,6 @@ from atlas.cli import main
 def built_tiny_run(tiny_world, tmp_path_factory):
     import os
 
-    from conftest import tiny_yaml
 
     work = tmp_path_factory.mktemp("pipeline")
     tiny_yaml(tiny_world, work)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from browser import all_in_sight, check_heatmap, close, ort_reference, serve
-from test_build import built_site  # noqa: F401  (the synthetic site, hostile text included)
+from support import built_site, tiny_yaml  # noqa: F401  (the synthetic site, hostile text included)
 
 pytestmark = pytest.mark.browser
 
@@ -39,7 +39,6 @@ PAGES = ["index.html", "explorer.html", "map.html", "search.html", "notable.html
 def tiny_run(tiny_world, tmp_path_factory) -> Path:
     """runs/tiny of the tiny world, built once by `atlas all` (training shortened: 60k tokens)."""
     from atlas.cli import main
-    from conftest import tiny_yaml
 
     work = tmp_path_factory.mktemp("tiny-site")
     # The web file's agreement with PyTorch is test_export's subject (its gate is kept low here, so the
@@ -486,7 +485,7 @@ def test_download_json_is_the_shard_record(browser, hostile_server, built_site):
     import pyarrow.compute as pc
 
     from atlas import page_data, shards
-    from test_build import _same
+    from support import same_values as _same
 
     features = built_site.parent / "features"
     fid = 70

@@ -11,19 +11,10 @@ from atlas.config import SAEConfig, TrainConfig
 from atlas.errors import AtlasError
 from atlas.train.data import RowStream, tensor_stream
 from atlas.train.trainer import CKPT_FILE, LOG_FILE, geometric_median, lr_at, train_sae
+from support import TRAIN_CFG as TC, TRAIN_SAE as SAE, train_data as data
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def data(n=4096, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 8, generator=g) @ torch.randn(8, d, generator=g) + 1.0
-
-
-SAE = SAEConfig(architecture="topk", d_sae=64, k=4, aux_k=16)
-TC = TrainConfig(batch_size=128, n_tokens=128 * 60, lr=3e-3, warmup_steps=5, checkpoint_every=20,
-                 dead_after_tokens=2000)
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path):
@@ -154,7 +145,7 @@ def test_run_health_names_the_fix():
     rise = h.observe(30, 0.9, 0.0)
     assert len(rise) == 1 and "too high" in rise[0] and "train.lr" in rise[0] and "0.000333" in rise[0]
     assert h.observe(40, 0.9, 0.0) == []  # each kind once
-    dead = [h.observe(50 + i, 0.4, share) for i, share in enumerate((0.2, 0.31, 0.4, 0.5))]
+    dead = [h.observe(50 + i, 0.4, share) for i, share in enumerate((0.3, 0.45, 0.55, 0.65))]
     fired = sum(dead, [])
     assert dead[:2] == [[], []] and len(fired) == 1 and "dead" in fired[0] and "train.lr = 0.000333" in fired[0]
     stall = RunHealth(lr=1e-5, warmup_steps=10, total_steps=100)

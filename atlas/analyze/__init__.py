@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from atlas import distributed, label_data
+from atlas import distributed
 from atlas.analyze.passes import StreamResult, analyze_stream
 from atlas.analyze.writer import run_metadata, vocab_texts, write_features
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
+from atlas.labels import data as label_data
 from atlas.labels import get_explainer
+from atlas.resources import require_memory
 from atlas.stage import input_digest, open_stage, require_finite, rerun, sae_digest, sha256_file, source_digest
 
 PARTIAL_SUFFIX = ".partial"
@@ -78,6 +80,10 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         w_dec = sae.W_dec.detach().float()
         if w_dec.shape[1] != store.d_model:
             raise AtlasError(f"{sae_dir}: SAE d_in {w_dec.shape[1]} does not match the store's d_model {store.d_model}")
+        d_sae = w_dec.shape[0]
+        require_memory(4 * d_sae * (2 * a.batch_tokens + 4 * a.histogram_bins + 8),
+                       f"analyze.batch_tokens = {a.batch_tokens:,} with d_sae = {d_sae:,}",
+                       "lower analyze.batch_tokens", device)
         # With torchrun every rank streams its own rows; the merged result is complete on rank 0.
         stream = analyze_stream(store, sparse_encoder(sae), w_dec.shape[0], a, partial, fp, device)
         if main:

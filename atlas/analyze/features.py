@@ -1,6 +1,6 @@
 """The per-feature computations after the streaming passes: logit effects (W_dec @ W_U, top and
 bottom `n_logits`), decoder-cosine neighbours (computed in blocks of rows, never d_sae x d_sae),
-and a label with its score on held-out contexts (atlas/labels.py, atlas/label_scores.py).
+and a label with its score on held-out contexts (atlas/labels/, atlas/labels/scores.py).
 """
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from atlas import label_data, label_scores
 from atlas.analyze.passes import StreamResult
 from atlas.analyze.windows import Windows
 from atlas.featuremap import unit_rows
 from atlas.labels import Evidence, get_explainer
+from atlas.labels import data as label_data
+from atlas.labels import scores as label_scores
 
 
 def logit_effects(w_dec: torch.Tensor, w_u: torch.Tensor | None, n: int, block: int = 1024):
@@ -59,7 +60,7 @@ def label_features(a, s: StreamResult, ex_feat, ex_row, flat_tokens, L: int, w: 
                    is_dead, density, top_ids, labelling: "label_data.LabelData | None",
                    chunk: int = 1024) -> label_scores.Labelled:
     """Labels from the explainer, asked in chunks of features so the evidence stays small, each
-    scored on the score split (atlas/label_scores.py). The explainer never sees examples from the
+    scored on the score split (atlas/labels/scores.py). The explainer never sees examples from the
     score split's contexts: those are the ones its labels are scored on."""
     explainer = get_explainer(a.explainer, a, labelling.cache_dir if labelling else None)
     d_sae = s.top_pos.shape[0]

@@ -14,14 +14,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from atlas import label_data
 from atlas.analyze.features import label_features, logit_effects, neighbours, split_facts
 from atlas.analyze.passes import StreamResult
 from atlas.analyze.windows import window_rows
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
 from atlas.featuremap import UMAP_MIN_FEATURES, map_coordinates
-from atlas.shards import EXAMPLES_SCHEMA, FEATURES_SCHEMA, SCHEMA_VERSION, VOCAB_SCHEMA, shard_name, write_table
+from atlas.labels import data as label_data
+from atlas.shards import (EXAMPLES_SCHEMA, FEATURES_SCHEMA, GROUP_FIELD, SCHEMA_VERSION, VOCAB_SCHEMA, shard_name,
+                          write_table)
 
 
 def vocab_texts(tokenizer) -> list[str]:
@@ -47,7 +48,7 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
     Logit effects and neighbours are computed on `device`; everything else on the CPU. Labels are
     chosen and scored on `labelling`'s splits (without it, rule explainers fall back to top-tokens
     and labels go unscored). `groups`: each feature's nesting level (`SparseAutoencoder.latent_groups`),
-    or None (the column is null)."""
+    written as the optional `group` column (shards.GROUP_FIELD), or None (no such column)."""
     d_sae = w_dec.shape[0]
     flat_tokens = torch.from_numpy(np.ascontiguousarray(tokens).reshape(-1).astype(np.int32))
     t0 = time.perf_counter()
@@ -110,10 +111,12 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
             "neighbour_ids": lists(nb_ids), "neighbour_cosines": lists(nb_cos),
             "map_x": xy[f0:f1, 0], "map_y": xy[f0:f1, 1],
             "is_dead": is_dead[f0:f1].numpy(), "is_dense": is_dense[f0:f1].numpy(),
-            "group": (pa.nulls(f1 - f0, pa.int16()) if groups is None
-                      else pa.array(groups[f0:f1].numpy().astype(np.int16))),
         })
-        write_table(out / shard_name("features", sh), feats, FEATURES_SCHEMA)
+        schema = FEATURES_SCHEMA
+        if groups is not None:
+            feats = feats.append_column(GROUP_FIELD, pa.array(groups[f0:f1].numpy().astype(np.int16)))
+            schema = FEATURES_SCHEMA.append(GROUP_FIELD)
+        write_table(out / shard_name("features", sh), feats, schema)
 
         e0, e1 = int(ex_bounds[sh]), int(ex_bounds[sh + 1])
         o0, o1 = int(w.offsets[e0]), int(w.offsets[e1])

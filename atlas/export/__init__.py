@@ -55,7 +55,7 @@ from typing import NamedTuple
 import numpy as np
 from torch import nn
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, ConfigError
 from atlas.export.files import save_model
 from atlas.export.parity import (FALLBACK_TEXTS, PagesReference, check_split, compare, encode_with_bos,
                                  encoder_outputs, frequent_tokens, pages_agreement, pages_reference, parity_contexts,
@@ -118,6 +118,10 @@ def run(cfg, force: bool = False) -> Path:
         require_finite(sae.state_dict(), v.sae_dir / "sae_weights.safetensors",
                        f"run `{rerun('train', v)} --force` to retrain it, or import a finite SAE")
         saes.append(SaeToExport(sae_id, v.model.layer, v.hook_name, sae, v.sae.architecture))
+    for s in saes:
+        if cfg.export.top_k > s.sae.d_sae:  # the SAE's own width: after import-sae it may not be the config's
+            raise ConfigError(f"{cfg.path}: 'export.top_k' = {cfg.export.top_k}: SAE {s.id} has {s.sae.d_sae:,} "
+                              f"latents; set export.top_k to at most {s.sae.d_sae:,}")
     from atlas.model import check_layer, load_model
 
     loaded = load_model(cfg.model.name, cfg.model.revision, device="cpu", dtype="float32",

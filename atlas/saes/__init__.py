@@ -48,25 +48,23 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> Spars
     for p in (cfg_path, weights_path):
         if not p.exists():
             raise AtlasError(f"{p}: missing; an SAE folder holds {CFG_FILE} and {WEIGHTS_FILE}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AtlasError(f"{cfg_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(raw, dict):
-        raise AtlasError(f"{cfg_path}: expected a JSON object")
+    raw = _read_cfg(cfg_path)
     raw = _v6_layout(raw)
     arch = raw.get("architecture", "standard")
-    if arch not in SAELENS_ARCHITECTURES:
-        raise AtlasError(f"{cfg_path}: architecture '{arch}' is not supported "
+    if not isinstance(arch, str) or arch not in SAELENS_ARCHITECTURES:
+        raise AtlasError(f"{cfg_path}: architecture {str(arch)[:80]!r} is not supported "
                          f"(supported: {', '.join(SAELENS_ARCHITECTURES)})")
     for key, ok in (("normalize_activations", ("none", None)), ("reshape_activations", ("none", None))):
         if raw.get(key) not in ok:
-            raise AtlasError(f"{cfg_path}: '{key}' = {raw.get(key)!r} is not supported (only 'none'); "
+            raise AtlasError(f"{cfg_path}: '{key}' = {str(raw.get(key))[:80]!r} is not supported (only 'none'); "
                              f"fold the normalisation into the weights first")
-    try:  # read by the architecture's from_saelens_cfg
-        int(raw["d_in"]), int(raw["d_sae"])
-    except (KeyError, TypeError, ValueError):
-        raise AtlasError(f"{cfg_path}: needs integer 'd_in' and 'd_sae'") from None
+    for key in ("d_in", "d_sae"):  # read by the architecture's from_saelens_cfg, which allocates them
+        value = raw.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**31:
+            raise AtlasError(f"{cfg_path}: '{key}' = {str(value)[:40]}: needs an integer between 1 and 2^31 - 1")
+    if not isinstance(raw.get("metadata", {}), dict):
+        raise AtlasError(f"{cfg_path}: 'metadata' must be a JSON object, got {type(raw['metadata']).__name__}")
+    _check_shapes(weights_path, raw["d_in"], raw["d_sae"])
     try:
         state = load_file(str(weights_path))
     except Exception as e:  # safetensors raises its own error types
@@ -76,6 +74,40 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> Spars
     sae = cls.from_saelens_cfg(raw, _recorded_config(raw.get("metadata") or {}, cfg_path), cfg_path)
     sae.load_saelens_state(state, raw, weights_path)
     return sae.to(device).eval().requires_grad_(False)
+
+
+def _read_cfg(cfg_path: Path) -> dict:
+    """cfg.json as a dict, or one line saying why it is not one (encoding, syntax, depth, size)."""
+    if cfg_path.stat().st_size > 1 << 20:
+        raise AtlasError(f"{cfg_path}: {cfg_path.stat().st_size:,} bytes; an SAE's cfg.json is a few kB")
+    try:
+        raw = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise AtlasError(f"{cfg_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise AtlasError(f"{cfg_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except RecursionError:
+        raise AtlasError(f"{cfg_path}: JSON nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise AtlasError(f"{cfg_path}: expected a JSON object")
+    return raw
+
+
+def _check_shapes(weights_path: Path, d_in: int, d_sae: int) -> None:
+    """The tensors must have the shapes cfg.json declares, read from the file's header before any
+    SAE of that size is allocated (a cfg.json declaring a huge d_sae over small tensors)."""
+    from safetensors import safe_open
+
+    want = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in], "b_enc": [d_sae], "b_dec": [d_in]}
+    try:
+        with safe_open(str(weights_path), "pt") as f:
+            shapes = {name: list(f.get_slice(name).get_shape()) for name in want if name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise AtlasError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    for name, shape in shapes.items():
+        if shape != want[name]:
+            raise AtlasError(f"{weights_path}: '{name}' has shape {shape}, but cfg.json declares d_in = {d_in}, "
+                             f"d_sae = {d_sae} (so {want[name]})")
 
 
 def _recorded_config(metadata: dict, cfg_path: Path) -> SAEConfig:
@@ -101,7 +133,7 @@ def _v6_layout(raw: dict) -> dict:
     out["metadata"] = {("hook_name" if k == "hook_point" else k): raw[k] for k in meta_keys if k in raw}
     fn = raw.get("activation_fn_str") or raw.get("activation_fn")
     kwargs = raw.get("activation_fn_kwargs") or {}
-    if fn == "topk" and "k" in kwargs:
+    if fn == "topk" and isinstance(kwargs, dict) and "k" in kwargs:
         out["architecture"], out["k"] = "topk", kwargs["k"]
     out.setdefault("architecture", "standard")
     if out.get("normalize_activations") in (False, "false"):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from atlas import distributed
 from atlas.config import RunConfig
+from atlas.errors import AtlasError
+from atlas.resources import require_memory
 from atlas.stage import input_digest, open_stage, require_finite, rerun
 from atlas.train.data import store_stream
 from atlas.train.trainer import CKPT_FILE, LOG_FILE, train_sae
@@ -29,6 +31,20 @@ def sae_metadata(cfg: RunConfig, store) -> dict:
     return {"model_name": info.model, "hook_name": info.hook_name, "hook_head_index": None,
             "context_size": info.ctx_len, "prepend_bos": True, "dataset_path": cfg.corpus.dataset,
             "model_revision": info.revision, "layer": info.layer, "exclude_bos": cfg.train.exclude_bos}
+
+
+def check_room(cfg: RunConfig, d_model: int, train_tokens: int, device) -> None:
+    """Sizes that cannot work are refused with their figure before any work: a batch larger than
+    the training split, an SAE and batch that cannot fit the device's memory (weights, gradients and
+    Adam's two moments; the batch's latents, their gradients and the batch itself)."""
+    t, d_sae = cfg.train, cfg.sae.d_sae
+    if t.batch_size > train_tokens:
+        raise AtlasError(f"'train.batch_size' = {t.batch_size:,} exceeds the {train_tokens:,} training tokens in "
+                         f"the store; lower it or collect more (corpus.n_tokens)")
+    weights = 2 * d_sae * d_model * 4
+    batch = t.batch_size * (3 * d_sae + 4 * d_model) * 4
+    require_memory(4 * weights + batch, f"sae.d_sae = {d_sae:,} with train.batch_size = {t.batch_size:,}",
+                   "lower sae.d_sae or train.batch_size", device)
 
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
@@ -46,6 +62,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         (ckpt_dir / CKPT_FILE).unlink()
     device = resolve_device(cfg.model.device)
     with ActivationStore(store_path, rerun("collect", cfg), layer=cfg.model.layer) as store:
+        check_room(cfg, store.d_model, len(store.train_rows), device)
         data = store_stream(store, cfg.train)
         t0 = time.perf_counter()
         sae, summary = train_sae(cfg.sae, cfg.train, data, ckpt_dir=ckpt_dir, fp=fp,

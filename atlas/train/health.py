@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 STALL_RATIO = 0.8
 RISE_RATIO = 1.5
-DEAD_SHARE = 0.3
+DEAD_SHARE = 0.5
 DEAD_ROWS = 4
 
 

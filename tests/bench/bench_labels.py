@@ -4,9 +4,9 @@
 
 The run's store, SAE and features/ are made first when missing (`make` for the demo; `atlas
 analyze` for another config). Then, as `atlas analyze` does: the choose and score splits are
-encoded (atlas/label_data.py; timed: the cost of scoring), each explainer labels every live
+encoded (atlas/labels/data.py; timed: the cost of scoring), each explainer labels every live
 feature from the same evidence (top examples outside the score split, the choose split), and
-every label is scored on the score split (atlas/label_scores.py). Reported per explainer: the
+every label is scored on the score split (atlas/labels/scores.py). Reported per explainer: the
 median F1 and the share of features with F1 >= 0.5, over the same features (live, firing on the
 score split; a feature an explainer finds no rule for counts as 0), and its labelling time. One
 more row scores the two headline explainers on the part of the score split that lies in the
@@ -73,7 +73,7 @@ def evidence_for(features: Path, data, d_sae: int) -> list:
 
 def restrict(split, keep: np.ndarray):
     """The positions `keep` of a split, with their codes (for scoring on a part of it)."""
-    from atlas.label_data import Split
+    from atlas.labels.data import Split
 
     new = np.cumsum(keep) - 1
     ok = keep[split.pos]
@@ -84,10 +84,10 @@ def restrict(split, keep: np.ndarray):
 
 
 def main() -> dict:
-    from atlas import label_data
+    from atlas.labels import data as label_data
     from atlas.analyze import sparse_encoder
     from atlas.config import load_config
-    from atlas.label_scores import score_rule
+    from atlas.labels.scores import score_rule
     from atlas.labels import get_explainer
     from atlas.model import resolve_device
     from atlas.saes import load_sae

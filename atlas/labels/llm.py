@@ -13,36 +13,48 @@ Per live feature, two requests (`POST {base_url}/chat/completions`, temperature 
    fires and half where it does not, shuffled and unmarked; the model says for each whether the
    label's feature fires in it. Precision is the share of the contexts it picked that fire;
    recall the share of the shown contexts' activation (each context's maximum) in the ones it
-   picked (atlas/label_scores.py `detection_score`).
+   picked (atlas/labels/scores.py `detection_score`).
 
 Every answer is cached on disk (`runs/<run>/llm-cache/`, one JSON file per request, keyed by
 a hash of the endpoint, model and messages), so a rerun or an interrupted run never pays for the
 same request twice. Requests run `explainer_concurrency` at a time; a failed one (connection
-error, timeout, HTTP 408/409/429/5xx) is retried `explainer_retries` times with exponential
-backoff, honouring Retry-After; any other HTTP error stops the run with one line.
+error, timeout, a broken HTTP answer, HTTP 408/409/429/5xx) is retried `explainer_retries` times
+with exponential backoff, honouring Retry-After; any other HTTP error stops the run with one line.
+`explainer_timeout` bounds each request as a whole (connecting, waiting, reading: a server that
+trickles its answer a byte at a time is cut off), and an answer is read up to MAX_BODY bytes and
+kept up to MAX_ANSWER characters, so neither a request nor the cache can grow without end.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import random
 import re
+import socket
+import ssl
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from atlas.config import AnalyzeConfig
 from atlas.errors import AtlasError, ConfigError
-from atlas.labels import Evidence, Explainer, Explanation, register
+from atlas.labels.interface import UNSCORED, Evidence, Explainer, Explanation, register
+from atlas.labels.scores import detection_score
 
 MAX_LABEL = 80
+MAX_BODY = 1 << 20
+"""Bytes of one HTTP answer read at most (a chat completion of a few hundred tokens is a few kB)."""
+MAX_ANSWER = 16_384
+"""Characters of an answer's content kept (labels and detection lists are far shorter)."""
 EXPLAIN_EXAMPLES = (10, 5)
 """Top examples and interval samples shown to the explainer."""
 WINDOW = (24, 8)
@@ -58,19 +70,6 @@ DETECT_SYSTEM = (
     "You are given the explanation and numbered text excerpts. For each excerpt decide whether the feature, "
     "as explained, is active on some token in it. Answer with a JSON list of 0s and 1s, one per excerpt, in "
     "order, and nothing else.")
-
-
-@dataclass
-class LLMSettings:
-    base_url: str = ""
-    model: str = ""
-    api_key: str = ""
-    concurrency: int = 4
-    retries: int = 5
-    timeout: float = 120.0
-    detection_contexts: int = 20
-    backoff: float = 1.0
-    """Seconds before the first retry; doubled each time (tests make it small)."""
 
 
 class AnswerCache:
@@ -101,16 +100,20 @@ class AnswerCache:
 
 
 class ChatClient:
-    """POST /chat/completions with caching and retries; `complete` is safe to call from threads."""
+    """POST /chat/completions with caching and retries; `complete` is safe to call from threads.
+
+    The settings are the analyze config's `explainer_*` keys (their one declaration); the key itself
+    comes from the environment variable they name, `backoff` is the first retry's wait in seconds."""
 
     RETRY_STATUS = {408, 409, 429}
 
-    def __init__(self, s: LLMSettings, cache: AnswerCache):
-        self.s, self.cache = s, cache
-        self.url = s.base_url.rstrip("/") + "/chat/completions"
+    def __init__(self, a: AnalyzeConfig, cache: AnswerCache, api_key: str = "", backoff: float = 1.0):
+        self.cache, self.api_key, self.backoff = cache, api_key, backoff
+        self.model, self.retries, self.timeout = a.explainer_model, a.explainer_retries, a.explainer_timeout
+        self.url = a.explainer_base_url.rstrip("/") + "/chat/completions"
 
     def complete(self, system: str, user: str, max_tokens: int) -> str:
-        request = {"model": self.s.model, "messages": [{"role": "system", "content": system},
+        request = {"model": self.model, "messages": [{"role": "system", "content": system},
                                                         {"role": "user", "content": user}],
                    "temperature": 0, "max_tokens": max_tokens}
         key = hashlib.sha256(json.dumps({"url": self.url, **request}, sort_keys=True).encode()).hexdigest()
@@ -123,29 +126,89 @@ class ChatClient:
 
     def _post(self, request: dict) -> str:
         headers = {"Content-Type": "application/json"}
-        if self.s.api_key:
-            headers["Authorization"] = f"Bearer {self.s.api_key}"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(request).encode()
-        for attempt in range(self.s.retries + 1):
-            last = attempt == self.s.retries
-            wait = self.s.backoff * 2 ** attempt * (1 + random.random() / 4)
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            wait = self.backoff * 2 ** attempt * (1 + random.random() / 4)
             try:
-                with urllib.request.urlopen(urllib.request.Request(self.url, data, headers),
-                                            timeout=self.s.timeout) as r:
-                    return _content(json.loads(r.read()), self.url)
-            except urllib.error.HTTPError as e:
-                if e.code not in self.RETRY_STATUS and e.code < 500:
-                    detail = e.read()[:200].decode("utf-8", "replace").replace("\n", " ")
-                    raise AtlasError(f"explainer: POST {self.url}: HTTP {e.code} {e.reason} ({detail})") from None
+                status, reason, retry_after, body = self._send(data, headers)
+                if status < 400:
+                    return _content(json.loads(body.decode("utf-8")), self.url)[:MAX_ANSWER]
+                if status not in self.RETRY_STATUS and status < 500:
+                    detail = body[:200].decode("utf-8", "replace").replace("\n", " ")
+                    raise AtlasError(f"explainer: POST {self.url}: HTTP {status} {reason} ({detail})")
                 if last:
-                    raise AtlasError(f"explainer: POST {self.url}: HTTP {e.code} after {attempt + 1} tries") from None
-                wait = max(wait, _retry_after(e.headers.get("Retry-After")))
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+                    raise AtlasError(f"explainer: POST {self.url}: HTTP {status} after {attempt + 1} tries")
+                wait = max(wait, _retry_after(retry_after))
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                # OSError: refused, reset, timed out; HTTPException: a broken status line or a body
+                # shorter than its Content-Length; ValueError: an answer that is not UTF-8 or JSON
                 if last:
-                    reason = getattr(e, "reason", e)
+                    reason = _failure(e)
                     raise AtlasError(f"explainer: POST {self.url}: {reason} after {attempt + 1} tries") from None
             time.sleep(wait)
         raise AssertionError("unreachable")
+
+    def _send(self, data: bytes, headers: dict) -> tuple[int, str, str | None, bytes]:
+        """One POST, done within `timeout` seconds in all: (status, reason, Retry-After, body)."""
+        url = urllib.parse.urlsplit(self.url)
+        if url.scheme == "https":
+            conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=self.timeout,
+                                               context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=self.timeout)
+        cut_off = threading.Event()
+
+        def stop():  # the deadline: end the connection, so the read under way returns at once
+            cut_off.set()
+            if conn.sock is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(self.timeout, stop)
+        timer.daemon = True
+        timer.start()
+        try:
+            conn.request("POST", url.path + (f"?{url.query}" if url.query else ""), body=data, headers=headers)
+            r = conn.getresponse()
+            length = r.getheader("Content-Length")
+            if length and length.isdigit() and int(length) > MAX_BODY:
+                raise ValueError(f"an answer of {int(length):,} bytes (at most {MAX_BODY:,} are read)")
+            body = bytearray()
+            while chunk := r.read(min(65536, MAX_BODY + 1 - len(body))):
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise ValueError(f"an answer over {MAX_BODY:,} bytes")
+            if r.length:  # the connection closed before the Content-Length was read
+                raise http.client.IncompleteRead(bytes(body), r.length)
+            if cut_off.is_set():
+                raise TimeoutError(f"no complete answer within {self.timeout:g} s")
+            return r.status, r.reason, r.getheader("Retry-After"), bytes(body)
+        except (OSError, http.client.HTTPException):
+            if cut_off.is_set():
+                raise TimeoutError(f"no complete answer within {self.timeout:g} s") from None
+            raise
+        finally:
+            timer.cancel()
+            conn.close()
+
+
+def _failure(e: Exception) -> str:
+    """Why a request failed, on one short line."""
+    if isinstance(e, UnicodeDecodeError):
+        return "the answer is not UTF-8"
+    if isinstance(e, json.JSONDecodeError):
+        return f"the answer is not JSON ({e.msg})"
+    if isinstance(e, http.client.IncompleteRead):
+        return f"the answer ended after {len(e.partial):,} bytes, {e.expected:,} short of its Content-Length"
+    text = (str(getattr(e, "reason", None) or e).strip().splitlines() or [""])[0][:200]
+    if isinstance(e, http.client.HTTPException):
+        return f"a broken HTTP answer ({type(e).__name__}: {text!r})"
+    return text or type(e).__name__
 
 
 def _retry_after(value: str | None) -> float:
@@ -274,27 +337,24 @@ def parse_detection(answer: str, n: int) -> list[bool] | None:
 class OpenAICompatible(Explainer):
     """Labels from an LLM behind an OpenAI-compatible endpoint, scored by detection (see the module docstring)."""
 
-    def __init__(self, settings: LLMSettings | None = None, cache_dir: Path | None = None, seed: int = 0):
-        self.settings = settings or LLMSettings()
-        self.client = ChatClient(self.settings, AnswerCache(cache_dir))
-        self.seed = seed
+    def __init__(self, a: AnalyzeConfig, cache_dir: Path | None = None, api_key: str = "", backoff: float = 1.0):
+        self.concurrency, self.detection_contexts, self.seed = (a.explainer_concurrency,
+                                                                a.explainer_detection_contexts, a.seed)
+        self.client = ChatClient(a, AnswerCache(cache_dir), api_key, backoff)
 
     @classmethod
-    def from_config(cls, a, cache_dir: Path | None) -> "OpenAICompatible":
+    def from_config(cls, a: AnalyzeConfig, cache_dir: Path | None) -> "OpenAICompatible":
         key = ""
         if a.explainer_api_key_env:
             key = os.environ.get(a.explainer_api_key_env, "")
             if not key:
                 raise ConfigError(f"'analyze.explainer_api_key_env' = {a.explainer_api_key_env!r}: "
                                   f"environment variable {a.explainer_api_key_env} is not set")
-        s = LLMSettings(base_url=a.explainer_base_url, model=a.explainer_model, api_key=key,
-                        concurrency=a.explainer_concurrency, retries=a.explainer_retries,
-                        timeout=a.explainer_timeout, detection_contexts=a.explainer_detection_contexts)
-        return cls(s, cache_dir, a.seed)
+        return cls(a, cache_dir, key)
 
     def _map(self, fn, items: list) -> list:
         """fn over items, `concurrency` at a time; after a failure no further request is started."""
-        pool = ThreadPoolExecutor(max_workers=self.settings.concurrency)
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
         try:
             return list(pool.map(fn, items))
         finally:
@@ -312,9 +372,7 @@ class OpenAICompatible(Explainer):
         return self._map(one, evidence)
 
     def detect(self, evidence: list[Evidence], explanations: list[Explanation], data, vocab: list[str]):
-        from atlas.label_scores import UNSCORED, detection_score
-
-        n = self.settings.detection_contexts
+        n = self.detection_contexts
 
         def one(pair):
             e, x = pair

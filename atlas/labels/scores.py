@@ -1,7 +1,7 @@
 """How good is a label? Every label scored on held-out tokens its explainer never saw.
 
-A label with a rule (atlas/label_rules.py) is scored on the score split (contexts held out
-from labelling, atlas/label_data.py), treating the rule as a prediction "the feature fires
+A label with a rule (atlas/labels/rules.py) is scored on the score split (contexts held out
+from labelling, atlas/labels/data.py), treating the rule as a prediction "the feature fires
 here". For feature f with activation a_t at held-out position t, and M the positions the rule
 matches:
 
@@ -12,7 +12,7 @@ matches:
 Recall is activation-weighted, so a label that explains f's strong firings scores higher than
 one that covers the same number of weak ones. A feature that never fires on the score split
 has no recall and no score (NaN). A free-text label (an LLM's) has no rule; its explainer scores
-it by detection instead (atlas/llm_explainer.py), with the same columns counted over held-out
+it by detection instead (atlas/labels/llm.py), with the same columns counted over held-out
 contexts rather than tokens (`label_scoring` says which).
 
 `label_all` runs an explainer over evidence chunks and scores its answers: the columns
@@ -29,30 +29,9 @@ import numpy as np
 import pyarrow as pa
 
 from atlas.errors import AtlasError
-from atlas.label_data import LabelData, Split
-from atlas.label_rules import Rule, f1, rule_counts
-from atlas.labels import Evidence, Explainer, Explanation, as_explanation
-
-NAN = float("nan")
-
-
-@dataclass
-class Score:
-    """A label's score on held-out data; NaN where a value is undefined."""
-
-    precision: float
-    recall: float
-    f1: float
-    matched: int
-    """Held-out tokens (contexts, for detection) the label matches."""
-    fired: int
-    """Held-out tokens (contexts) the feature fires on."""
-    method: str
-    """"rule" (counted over tokens), "detection" (over contexts) or "" (not scored)."""
-
-
-UNSCORED = Score(NAN, NAN, NAN, 0, 0, "")
-
+from atlas.labels.data import LabelData, Split
+from atlas.labels.interface import NAN, UNSCORED, Evidence, Explainer, Explanation, Score, as_explanation
+from atlas.labels.rules import Rule, f1, rule_counts
 
 def score_rule(rule: Rule, split: Split, f: int) -> Score:
     """The score of `rule` as a label of feature f on `split` (see the module docstring)."""

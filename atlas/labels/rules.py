@@ -8,12 +8,12 @@ A rule says on which tokens a feature fires. Five kinds, each a set of disjoint 
 | `bigrams`  | previous + token    | `' upon' after 'Once'`               |
 | `trigrams` | two before + token  | `' a' after 'Once upon'`             |
 | `after`    | the previous token  | `any token after ' def'`             |
-| `class`    | a character/position class (atlas/label_data.py CLASSES) | `a number` |
+| `class`    | a character/position class (atlas/labels/data.py CLASSES) | `a number` |
 
-A rule matches a position when any of its atoms does. On a split (atlas/label_data.py) a rule
+A rule matches a position when any of its atoms does. On a split (atlas/labels/data.py) a rule
 has three counts for feature f: `matched` (positions it matches), `hits` (of those, positions f
 fires on) and `covered` (f's activation on the matched positions); precision = hits / matched,
-recall = covered / f's whole activation (atlas/label_scores.py).
+recall = covered / f's whole activation (atlas/labels/scores.py).
 
 Each rule explainer searches one kind on the *choose* split: the candidate atoms are the
 feature's own firing positions there; atoms are added greedily, each time the one that raises
@@ -22,18 +22,20 @@ F1 most, while it raises F1 by more than `TERM_PENALTY` (so a label stays short,
 non-firing matches, so a bigram seen once is not a "perfect" rule. `best-rule` (the default
 explainer) runs every rule explainer, and top-tokens, and keeps per feature the rule with the
 best `fit` (F1 on the choose split minus the term penalty). None of this sees the score split.
+`top-tokens` (the tokens a feature fires on most strongly, stated as a rule) is here too.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
-from atlas.label_data import CLASS_BITS, CLASSES, Split
-from atlas.labels import Evidence, Explainer, Explanation, register
+from atlas.labels.data import CLASS_BITS, CLASSES, Split
+from atlas.labels.interface import REGISTRY, Evidence, Explainer, Explanation, register, show
 
 KINDS = ("tokens", "prefixes", "bigrams", "trigrams", "after", "class")
 MAX_TERMS = {"tokens": 8, "prefixes": 4, "bigrams": 4, "trigrams": 3, "after": 3, "class": 1}
@@ -279,6 +281,51 @@ def _search_prefixes(split: Split, pos: np.ndarray, act: np.ndarray, mass: float
 # Explainers
 
 
+@register("top-tokens")
+class TopTokens(Explainer):
+    """Label from the tokens the feature fires on most strongly.
+
+    If one token is the max token of at least `share` of the top examples, the label is that
+    token, or the two-token n-gram ending in it when the preceding token is as consistent;
+    otherwise the three most common max tokens joined by " / ". Its rule: the bigram, or every
+    token whose shown text is one of the label's.
+    """
+
+    share = 0.5
+    max_len = 60
+
+    def explain(self, evidence: list[Evidence], vocab: list[str]) -> list[Explanation]:
+        by_text: dict[str, list[int]] = {}
+        for i, t in enumerate(vocab):
+            by_text.setdefault(show(t), []).append(i)
+        return [self._one(e, vocab, by_text) for e in evidence]
+
+    def _one(self, e: Evidence, vocab: list[str], by_text: dict[str, list[int]]) -> Explanation:
+        if e.is_dead or not e.top_token_ids:
+            return Explanation("dead feature" if e.is_dead else "", source=self.name)
+
+        def text(t: int) -> str:
+            return vocab[t] if 0 <= t < len(vocab) else f"<{t}>"
+
+        def tokens_rule(texts: list[str]) -> Rule:
+            return Rule("tokens", tuple(sorted(i for s in texts for i in by_text.get(s, []))))
+
+        n = len(e.top_token_ids)
+        counts = Counter(show(text(t)) for t in e.top_token_ids)
+        (best, best_n), = counts.most_common(1)
+        if best_n >= self.share * n:
+            pairs = Counter((p, t) for p, t in zip(e.prev_token_ids, e.top_token_ids)
+                            if p >= 0 and show(text(t)) == best)
+            if pairs:
+                (p, t), pair_n = pairs.most_common(1)[0]
+                if pair_n >= self.share * n:
+                    label = (text(p) + text(t)).replace("\n", "\\n").strip()
+                    return Explanation(label[: self.max_len], Rule("bigrams", ((p, t),)), self.name)
+            return Explanation(best[: self.max_len], tokens_rule([best]), self.name)
+        top3 = [tok for tok, _ in counts.most_common(3)]
+        return Explanation(" / ".join(top3)[: self.max_len], tokens_rule(top3), self.name)
+
+
 class RuleExplainer(Explainer):
     """Searches rules of one kind on the choose split (see the module docstring)."""
 
@@ -342,11 +389,10 @@ class CharClass(RuleExplainer):
 class BestRule(Explainer):
     """Per feature, the best-fitting rule of every rule explainer and top-tokens (on the choose split)."""
 
-    def explain(self, evidence: list[Evidence], vocab: list[str]) -> list[Explanation]:
-        from atlas.labels import get_explainer
+    SOURCES = ("top-tokens", "token-set", "word-prefix", "bigram", "trigram", "after-token", "char-class")
 
-        sources = [get_explainer(n) for n in ("top-tokens", "token-set", "word-prefix", "bigram", "trigram",
-                                              "after-token", "char-class")]
+    def explain(self, evidence: list[Evidence], vocab: list[str]) -> list[Explanation]:
+        sources = [REGISTRY[n]() for n in self.SOURCES]  # all defined above, in this module
         answers = [s.explain(evidence, vocab) for s in sources]
         out = []
         for i, e in enumerate(evidence):

@@ -4,8 +4,8 @@ A label must be scored on tokens its explainer never saw, or the score measures 
 explanation. The store's contexts are cut into blocks of `BLOCK` contexts that alternate between
 two splits (each thinned to evenly spaced blocks of at most `analyze.label_tokens` tokens):
 
-- **choose**: rule explainers search their rules here (atlas/label_rules.py);
-- **score**: every label is scored here (atlas/label_scores.py). Explainers never see it: the
+- **choose**: rule explainers search their rules here (atlas/labels/rules.py);
+- **score**: every label is scored here (atlas/labels/scores.py). Explainers never see it: the
   examples from its contexts are left out of their evidence (`LabelData.hidden`).
 
 Alternating blocks, rather than the store's evaluation split (its last contexts), because a
@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 # Character and position classes of a token; each is one bit of Split.classes. The names are
-# what labels show (atlas/label_rules.py), so they read as "fires on <name>".
+# what labels show (atlas/labels/rules.py), so they read as "fires on <name>".
 CLASSES = {
     "a word start": "a token that starts a word (a space, then a letter)",
     "inside a word": "a token that continues the word before it",
