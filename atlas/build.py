@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 from markupsafe import Markup
 
-from atlas import page_data, pages, search_index, shards
+from atlas import links, page_data, pages, search_index, shards
 from atlas.config import RunConfig
 from atlas.errors import AtlasError
 from atlas.stage import input_digest, open_stage, read_stamp, rerun, sae_digest, sha256_file
-from atlas.suite import is_suite
+from atlas.suite import configs, is_suite, members
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_SRC = ROOT / "site_src"
@@ -49,8 +49,7 @@ def run(cfg: RunConfig, force: bool = False, analyser: bool = True) -> Path:
     With `analyser` the export's files are required (a site whose prompt analyser silently went
     missing is not published); without it the site is built without them (`--no-analyser`)."""
     if is_suite(cfg):
-        raise AtlasError(f"{cfg.path}: `atlas build` of a suite of several SAEs is not supported yet; "
-                         f"its SAEs are trained and analysed under {cfg.run_dir / 'saes'}")
+        return run_suite(cfg, force, analyser)
     features_dir, onnx_dir, out = cfg.features_dir, cfg.onnx_dir, cfg.site_dir
     metrics = cfg.sae_dir / "metrics.jsonl"
     if analyser and not onnx_dir.exists():
@@ -75,6 +74,69 @@ def run(cfg: RunConfig, force: bool = False, analyser: bool = True) -> Path:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"build: wrote {out} ({manifest['n_features']:,} feature pages, {size / 1e6:,.0f} MB)")
     return out
+
+
+def run_suite(cfg: RunConfig, force: bool = False, analyser: bool = True) -> Path:
+    """Build runs/<name>/site for a suite: each member's whole site (the single-SAE build, pages with
+    the suite's switcher and cross-SAE links) under site/<id>/, and at the root the suite's home
+    (members' table, metrics across layers), its prompt analyser (one trunk, an encoder per SAE)
+    and the theme it needs."""
+    views, ms = configs(cfg), members(cfg)
+    out, onnx_dir, links_dir = cfg.site_dir, cfg.onnx_dir, cfg.links_dir
+    if analyser and not onnx_dir.exists():
+        raise AtlasError(f"{onnx_dir}: missing: the prompt analyser needs the export's files; run "
+                         f"`{rerun('export', cfg)}` first, or build without the analyser (--no-analyser)")
+    inputs = {"source": _source_hash(), "onnx": input_digest(onnx_dir, "export", cfg) if analyser else "none",
+              "links": input_digest(links_dir, "links", cfg)}
+    for m, view in zip(ms, views):
+        metrics = view.sae_dir / "metrics.jsonl"
+        inputs[m.id] = input_digest(view.features_dir, "analyze", view)
+        inputs[m.id + ":metrics"] = sha256_file(metrics) if metrics.exists() else "none"
+        _require_same_sae(view, [(view.features_dir, "analyze")])
+    opening = open_stage("build", cfg, out, ("build",), inputs, force)
+    if opening.current:
+        return out
+    manifests = {m.id: shards.read_manifest(v.features_dir) for m, v in zip(ms, views)}
+    tables = {m.id: search_index.read_feature_table(v.features_dir) for m, v in zip(ms, views)}
+    labels = {k: _dense_labels(t) for k, t in tables.items()}
+    titles = [(m.id, f"layer {m.layer}, {m.d_sae:,} features") for m in ms]
+    with opening.write() as tmp:
+        with tempfile.TemporaryDirectory(prefix="atlas-docs-") as docs:   # the root first: MkDocs empties its folder
+            docs = Path(docs)
+            write_suite_docs(docs, cfg, ms, manifests, tables)
+            build_shell(docs, tmp, cfg)
+        prune_theme(tmp)
+        add_csp(tmp)
+        copy_vendor(tmp)
+        if analyser:
+            copy_onnx(onnx_dir, tmp)
+        for m, view in zip(ms, views):
+            _require_finite_features(view.features_dir, view)
+            facts = pages.SuiteFacts(sae=m.id, members=titles, links=labelled_links(links_dir, m.id, labels))
+            build_site(view, manifests[m.id], view.features_dir, tmp / m.id,
+                       metrics_path=view.sae_dir / "metrics.jsonl", suite=facts)
+            n_pages = sum(1 for _ in (tmp / m.id / "features").glob("*/index.html"))
+            if n_pages != manifests[m.id]["n_features"]:
+                raise AtlasError(f"{view.features_dir / 'manifest.json'}: {manifests[m.id]['n_features']:,} features, "
+                                 f"but the shards hold {n_pages:,}; run `{rerun('analyze', view)} --force`")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    n = sum(int(mf["n_features"]) for mf in manifests.values())
+    print(f"build: wrote {out} ({len(ms)} SAEs, {n:,} feature pages, {size / 1e6:,.0f} MB)")
+    return out
+
+
+def labelled_links(links_dir: Path, member_id: str, labels: dict[str, list[str]]) -> dict[int, dict[str, list[dict]]]:
+    """links/<member>.parquet (links.read_links) with each linked feature's label."""
+    if not (links_dir / f"{member_id}.parquet").exists():
+        raise AtlasError(f"{links_dir / (member_id + '.parquet')}: missing; run `atlas links --force`")
+
+    def label(sae: str, fid: int) -> str:
+        other = labels.get(sae, [])
+        return other[fid] if 0 <= fid < len(other) else ""
+
+    return {fid: {rel: [{"sae": sae, "id": int(i), "cosine": float(c), "label": label(sae, int(i))} for sae, i, c in rows]
+                  for rel, rows in by_relation.items()}
+            for fid, by_relation in links.read_links(links_dir, member_id).items()}
 
 
 def _require_same_sae(cfg: RunConfig, outputs: list[tuple[Path, str]]) -> None:
@@ -113,7 +175,8 @@ def _require_finite_features(features_dir: Path, cfg: RunConfig) -> None:
 
 
 def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *, metrics_path: Path | None = None,
-               onnx_dir: Path | None = None, workers: int | None = None) -> dict:
+               onnx_dir: Path | None = None, workers: int | None = None,
+               suite: pages.SuiteFacts | None = None) -> dict:
     """Write the whole site into `site`; returns timings in seconds (for the benchmark)."""
     import time
 
@@ -124,7 +187,7 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
     vocab = shards.read_vocab(features_dir)
     with tempfile.TemporaryDirectory(prefix="atlas-docs-") as docs:
         docs = Path(docs)
-        write_docs(docs, cfg, manifest, table, _read_metrics(metrics_path))
+        write_docs(docs, cfg, manifest, table, _read_metrics(metrics_path), in_suite=suite is not None)
         build_shell(docs, site, cfg)
     prune_theme(site)
     add_csp(site)
@@ -138,7 +201,7 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
         (site / name).parent.mkdir(parents=True, exist_ok=True)
         (site / name).write_text(text, encoding="utf-8")
     facts = pages.SiteFacts(n_features=table.n, labels=_dense_labels(table), vocab=vocab,
-                            group_size=page_data.group_size(int(manifest["shard_size"])))
+                            group_size=page_data.group_size(int(manifest["shard_size"])), suite=suite)
     page_data.write_vocab(site, vocab)
     n_shards = len(list(features_dir.glob("features-*.parquet")))
     parts = []
@@ -156,7 +219,8 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
     search_index.write_tokens(data, cat["tok_token"], cat["tok_feature"], cat["tok_act"], vocab)
     search_index.add_to_header_search(site, table)
     fill_notable(site, features_dir, manifest, table, top_token, consistency, facts)
-    copy_vendor(site)
+    if suite is None:   # a suite's members use the vendored files at the suite's root
+        copy_vendor(site)
     if onnx_dir is not None:
         copy_onnx(onnx_dir, site)
     check_sizes(site)
@@ -167,8 +231,10 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
 # ---------------------------------------------------------------- the MkDocs shell
 
 
-def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, metrics: list[dict]):
-    """site_src/ plus the generated pages, ready for MkDocs."""
+def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, metrics: list[dict],
+               in_suite: bool = False):
+    """site_src/ plus the generated pages, ready for MkDocs (`in_suite`: for one member of a suite's site,
+    under site/<id>/, whose prompt analyser is the suite's, at the root)."""
     shutil.copytree(SITE_SRC, docs, dirs_exist_ok=True)
     env = pages.jinja_env()
     (docs / "index.md").write_text(env.get_template("home.md").render(home_view(cfg, manifest, table, metrics)))
@@ -180,8 +246,86 @@ def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.F
     skel = docs / "features" / pages.SKELETON
     skel.mkdir(parents=True)
     (skel / "index.md").write_text(f"---\ntitle: '{pages.TITLE_MARK}'\nhide: [navigation, toc]\nsearch:\n  exclude: true\n---\n\n{pages.CONTENT_MARK}\n")
-    if not (docs / "prompt.md").exists():
+    if in_suite:
+        (docs / "prompt.md").write_text("# Try a prompt\n\nThe suite's prompt analyser runs every SAE of the suite "
+                                        "on your text: [try a prompt](../prompt.html).\n")
+    elif not (docs / "prompt.md").exists():
         (docs / "prompt.md").write_text("# Try a prompt\n\nThe in-browser prompt analyser is not part of this build.\n")
+
+
+SUITE_SECTIONS = {"explorer": ("Explorer", "explorer.html"), "map": ("Feature map", "map.html"),
+                  "search": ("Search", "search.html"), "notable": ("Notable features", "notable.html")}
+"""The per-SAE pages; the suite's root has one page each linking to every member's."""
+
+
+def write_suite_docs(docs: Path, cfg: RunConfig, ms: list, manifests: dict[str, dict],
+                     tables: dict[str, search_index.FeatureTable]) -> None:
+    """The suite root's MkDocs sources: site_src/ (the prompt analyser, methodology, about), the suite's
+    home, and for each per-SAE page (explorer, map, search, notable) one listing every member's."""
+    shutil.copytree(SITE_SRC, docs, dirs_exist_ok=True)
+    env = pages.jinja_env()
+    rows = [suite_row(m, manifests[m.id], tables[m.id]) for m in ms]
+    (docs / "index.md").write_text(env.get_template("suite_home.md").render(
+        title=markdown_text(cfg.build.title), rows=rows, charts=suite_charts(rows)), encoding="utf-8")
+    for name, (title, page) in SUITE_SECTIONS.items():
+        items = "\n".join(f"- [{r['id']}]({r['id']}/{page}): layer {r['layer']}, {r['width']} features" for r in rows)
+        (docs / f"{name}.md").write_text(f"# {title}\n\nEach SAE of the suite has its own {title.lower()}:\n\n{items}\n",
+                                         encoding="utf-8")
+
+
+def suite_row(m, manifest: dict, table: search_index.FeatureTable) -> dict:
+    """One line of the suite home's table, from the member's features manifest (its SAE's cfg and metrics)."""
+    sae = manifest.get("sae_cfg") or {}
+    values = manifest.get("metrics") or {}
+    arch = (sae.get("metadata") or {}).get("training_architecture") or sae.get("architecture") or "–"
+
+    def num(key):
+        v = values.get(key)
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    dead = num("dead_fraction")
+    if dead is None:   # no held-out metrics: the analysed tokens' count
+        dead = float(table.is_dead.mean()) if table.n else None
+    cells = {"l0": num("l0"), "explained_variance": num("explained_variance"), "ce_loss_score": num("ce_loss_score")}
+    return {"id": m.id, "layer": m.layer, "d_sae": m.d_sae, "width": f"{m.d_sae:,}", "architecture": arch,
+            "values": cells, "text": {k: pages.fmt_num(v) if v is not None else "–" for k, v in cells.items()},
+            "dead": pages.fmt_pct(dead) if dead is not None else "–"}
+
+
+SUITE_CHART_METRICS = {"explained_variance": "Explained variance", "ce_loss_score": "CE-loss score", "l0": "L0"}
+
+
+def suite_charts(rows: list[dict], width: int = 260, height: int = 140) -> list[dict]:
+    """One small inline-SVG chart per metric: its value at each layer, one line per SAE width."""
+    left, bottom, top, right = 40, 28, 8, 10
+    plot_w, plot_h = width - left - right, height - top - bottom
+    layers = sorted({r["layer"] for r in rows})
+    x0, x1 = layers[0], layers[-1]
+    out = []
+    for key, name in SUITE_CHART_METRICS.items():
+        pts = [(r["layer"], r["values"][key], r["d_sae"]) for r in rows if r["values"][key] is not None]
+        if not pts:
+            continue
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+
+        def xy(layer, v):
+            x = left + (plot_w * (layer - x0) / (x1 - x0) if x1 > x0 else plot_w / 2)
+            return f"{x:.1f}", f"{top + plot_h - (plot_h * (v - y0) / (y1 - y0) if y1 > y0 else plot_h / 2):.1f}"
+
+        lines = []
+        for w in sorted({p[2] for p in pts}):
+            mine = sorted((p for p in pts if p[2] == w), key=lambda p: p[0])
+            dots = [dict(zip(("x", "y"), xy(layer, v)), title=f"layer {layer}, {w:,} features: {pages.fmt_num(v)}")
+                    for layer, v, _ in mine]
+            lines.append({"width": f"{w:,}", "points": " ".join(f"{d['x']},{d['y']}" for d in dots), "dots": dots})
+        base = top + plot_h
+        out.append({"name": name, "width": width, "height": height, "lines": lines,
+                    "axes": f"M{left} {top}V{base}H{width - right}",
+                    "xticks": [{"x": xy(layer, y0)[0], "y": base + 14, "text": layer} for layer in layers],
+                    "yticks": [{"x": left - 4, "y": f"{float(xy(x0, v)[1]) + 4:.0f}", "text": pages.fmt_num(v)}
+                               for v in ((y0, y1) if y1 > y0 else (y0,))],
+                    "x_title": {"x": left + plot_w / 2, "y": height - 2}})
+    return out
 
 
 def build_shell(docs: Path, site: Path, cfg: RunConfig) -> None:

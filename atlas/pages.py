@@ -249,6 +249,20 @@ class SiteFacts:
     vocab: list[str]
     group_size: int = page_data.GROUP
     """Features per shared data file (page_data.group_size of the shard size)."""
+    suite: SuiteFacts | None = None
+    """In a suite's site: the member these pages belong to, the other members and the cross-SAE links."""
+
+
+@dataclass
+class SuiteFacts:
+    """A suite member's place in the suite, for its feature pages (atlas/links.py's rows, with labels)."""
+
+    sae: str
+    """This member's id (the folder its pages are in: site/<sae>/)."""
+    members: list[tuple[str, str]]
+    """Every member of the suite: (id, "layer 8, 24,576 features"), in suite order."""
+    links: dict[int, dict[str, list[dict]]]
+    """Feature id -> relation -> its links, most similar first: {"sae", "id", "cosine", "label"} (links/<sae>.parquet)."""
 
 
 # ---------------------------------------------------------------- view models
@@ -350,7 +364,21 @@ def feature_view(row: dict, facts: SiteFacts) -> dict:
         "prev": fid - 1 if fid > 0 else None,
         "next": fid + 1 if fid + 1 < n else None,
         "random": random_neighbour(fid, n),
+        "root": "../.." if facts.suite is None else "../../..",
+        "suite": suite_view(fid, facts.suite) if facts.suite is not None else None,
     }
+
+
+LINK_TITLES = {"prev": "Previous layer", "next": "Next layer", "parent": "Parent (narrower SAE)",
+               "child": "Children (wider SAE)"}
+
+
+def suite_view(fid: int, suite: SuiteFacts) -> dict:
+    """The suite parts of a feature page: the member switcher and the cross-SAE links by relation."""
+    by_relation = suite.links.get(fid, {})
+    groups = [{"title": title, "rows": [dict(r, cosine=f"{r['cosine']:.2f}") for r in by_relation[rel]]}
+              for rel, title in LINK_TITLES.items() if by_relation.get(rel)]
+    return {"sae": suite.sae, "members": suite.members, "links": groups}
 
 
 def random_neighbour(fid: int, n: int) -> int:
