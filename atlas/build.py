@@ -154,6 +154,7 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
     data = site / "data"
     search_index.write_features(data, table, top_token[table.ids], vocab)
     search_index.write_tokens(data, cat["tok_token"], cat["tok_feature"], cat["tok_act"], vocab)
+    search_index.add_to_header_search(site, table)
     fill_notable(site, features_dir, manifest, table, top_token, consistency, facts)
     copy_vendor(site)
     if onnx_dir is not None:
@@ -172,6 +173,10 @@ def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.F
     env = pages.jinja_env()
     (docs / "index.md").write_text(env.get_template("home.md").render(home_view(cfg, manifest, table, metrics)))
     (docs / "notable.md").write_text(env.get_template("notable.md").render(mark=NOTABLE_MARK))
+    search = docs / "search.md"   # its help names the atlas's own model and its tokens
+    if search.exists():
+        model = pages.html.escape(str(manifest.get("model") or cfg.model.name))
+        search.write_text(search.read_text(encoding="utf-8").replace("{{ model }}", model), encoding="utf-8")
     skel = docs / "features" / pages.SKELETON
     skel.mkdir(parents=True)
     (skel / "index.md").write_text(f"---\ntitle: '{pages.TITLE_MARK}'\nhide: [navigation, toc]\nsearch:\n  exclude: true\n---\n\n{pages.CONTENT_MARK}\n")
@@ -358,11 +363,14 @@ NOTABLE_MIN_FIRED = 10
 """Held-out firings a feature needs before the notable page trusts its score either way."""
 
 
-def notable_ids(table: search_index.FeatureTable, n: int = 24, vague: bool = False) -> list[int]:
-    """The best-labelled features (the measured "high monosemanticity"): alive, not dense, scored on
-    at least NOTABLE_MIN_FIRED held-out firings, highest label F1 first (ties: stronger max activation).
-    With `vague`, the worst-labelled such features instead, lowest F1 first."""
+def notable_ids(table: search_index.FeatureTable, n: int = 24, vague: bool = False, dominated: bool = False) -> list[int]:
+    """The best-labelled features (the measured "high monosemanticity"): alive, not dense, not dominated
+    by special tokens or position, scored on at least NOTABLE_MIN_FIRED held-out firings, highest label
+    F1 first (ties: stronger max activation). With `vague`, the worst-labelled such features instead,
+    lowest F1 first; with `dominated`, the dominated ones only."""
+    is_dominated = np.array([bool(d) for d in table.dominated_by], bool)
     ok = ~(table.is_dead | table.is_dense) & np.isfinite(table.label_f1) & (table.heldout_fired >= NOTABLE_MIN_FIRED)
+    ok &= is_dominated if dominated else ~is_dominated
     f1 = np.where(ok, table.label_f1, np.nan)
     key = f1 if vague else -f1
     order = np.lexsort((-table.max_act, np.nan_to_num(key, nan=np.inf)))
@@ -395,7 +403,9 @@ def fill_notable(site: Path, features_dir: Path, manifest: dict, table, top_toke
 
     best = [card(fid, rank < 6) for rank, fid in enumerate(notable_ids(table))]
     vague = [card(fid, False) for fid in notable_ids(table, 12, vague=True)]
-    html = pages.jinja_env().get_template("notable.html").render(cards=best, vague=vague,
+    dominated = [dict(card(fid, False), dominated_by=table.dominated_by[index[fid]])
+                 for fid in notable_ids(table, dominated=True)]
+    html = pages.jinja_env().get_template("notable.html").render(cards=best, vague=vague, dominated=dominated,
                                                                  min_fired=NOTABLE_MIN_FIRED)
     text = path.read_text(encoding="utf-8")
     text = text.replace(f"<p>{NOTABLE_MARK}</p>", html).replace(NOTABLE_MARK, html)

@@ -6,10 +6,11 @@ script calling `Atlas.loaded("pages/<g>", {...})` (site_src/js/atlas-data.js), s
 it with a <script> tag, which also works from file://. A page's static HTML carries its label,
 score and statistics (readable without JavaScript); site_src/js/feature.js renders the rest.
 
-Why a shared file and not markup in each page: examples as markup are ~7 KB of every page
-(tokens, highlight spans); the same tokens as 2-byte ids, deflated together with the 63 other
-features of their group and written in base 85, take ~2.5 KB, and a group file is one request
-per page (tests/bench/bench_pages.py measures both formats).
+Why a shared file and not markup in each page: examples, histogram, logits and neighbours as
+markup were ~12 KB of every 15 KB page; as typed columns (token ids in 2 bytes), deflated together
+with the other features of their group and written in base 85, the whole feature record takes
+~2.8 KB, and a group file is one request per page (tests/bench/bench_pages.py measures both
+formats: bytes, files, first paint).
 
 Payload (deflated, then base 85 as Python's `base64.b85encode` writes it, whose alphabet needs no
 escaping in a JS string): a little-endian uint32 n, n bytes of JSON header, then the column
@@ -43,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
-GROUP = 64                       # features per data file: ~170 KB for GPT-2 shapes, one request per page
+GROUP = 64                       # features per data file: ~180 KB for GPT-2 shapes, one request per page
 INTERVAL_WINDOW = (8, 4)         # tokens kept left and right of the marked one in interval samples
 INTERVAL_SAMPLES = 1             # samples kept per interval (by rank)
 HALF_FLOAT = {"acts", "activation"}  # example columns stored as float16 (the page shows 2-3 digits)

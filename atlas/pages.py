@@ -406,26 +406,34 @@ def render_shard(features_path: str) -> dict:
         d.mkdir(exist_ok=True)
         (d / "index.html").write_text(page, encoding="utf-8")
 
-    # the token search index: the marked token of every top example; a feature's most common one
-    top = examples.filter(pc.equal(examples["kind"], "top")).combine_chunks()
+    # the token search index: every token a feature fires on in any shown window (top and sampled),
+    # not only the peaks; a feature's top token: the commonest marked token of its top examples
     ids = table.column("feature_id").to_numpy()
     tok_t = np.zeros(0, np.int32)
     tok_f, tok_a = tok_t, np.zeros(0, np.float32)
+    shown = examples.combine_chunks()
+    if shown.num_rows:
+        windows, acts = shown.column("token_ids").chunk(0), shown.column("acts").chunk(0)
+        lengths = np.diff(windows.offsets.to_numpy()).astype(np.int64)
+        flat_t, flat_a = windows.flatten().to_numpy(), acts.flatten().to_numpy().astype(np.float32)
+        feature = np.repeat(shown.column("feature_id").to_numpy(), lengths)
+        on = flat_a > 0
+        tok_t, tok_f, tok_a = flat_t[on].astype(np.int32), feature[on].astype(np.int32), flat_a[on]
+    top = examples.filter(pc.equal(examples["kind"], "top")).combine_chunks()
+    mark_t = mark_f = np.zeros(0, np.int32)
     if top.num_rows:
         windows = top.column("token_ids").chunk(0)
         starts = windows.offsets.to_numpy()[:-1].astype(np.int64)
         lengths = np.diff(windows.offsets.to_numpy()).astype(np.int64)
         mark = (top.column("offset").to_numpy() - top.column("window_start").to_numpy()).astype(np.int64)
         ok = (mark >= 0) & (mark < lengths)
-        flat = windows.flatten().to_numpy()
-        tok_t = flat[(starts + mark)[ok]].astype(np.int32)
-        tok_f = top.column("feature_id").to_numpy()[ok].astype(np.int32)
-        tok_a = top.column("activation").to_numpy()[ok].astype(np.float32)
+        mark_t = windows.flatten().to_numpy()[(starts + mark)[ok]].astype(np.int32)
+        mark_f = top.column("feature_id").to_numpy()[ok].astype(np.int32)
     top_token = np.full(len(ids), -1, np.int32)
     consistency = np.zeros(len(ids), np.float32)
-    if len(tok_t):
-        pairs, counts = np.unique(np.stack([tok_f, tok_t], 1), axis=0, return_counts=True)
-        per_feature = np.bincount(tok_f, minlength=int(ids.max()) + 1)
+    if len(mark_t):
+        pairs, counts = np.unique(np.stack([mark_f, mark_t], 1), axis=0, return_counts=True)
+        per_feature = np.bincount(mark_f, minlength=int(ids.max()) + 1)
         order = np.lexsort((-counts, pairs[:, 0]))                # per feature: most common token first
         first = order[np.unique(pairs[order, 0], return_index=True)[1]]
         sorter = np.argsort(ids)

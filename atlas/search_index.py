@@ -4,8 +4,10 @@
   activation, map coordinates, flags, top token; `group`, the Matryoshka nesting level, when the
   SAE has one, else null) for the explorer, the map and label search;
 - `data/tokens/NN.js`: which features fire hardest on a token, sharded by FNV-1a of the token
-  text (site_src/js/atlas-data.js computes the same hash), built from the token at the marked
-  position of each feature's top examples.
+  text (site_src/js/atlas-data.js computes the same hash), built from every token each feature
+  fires on in its shown examples (top and sampled windows), at most MAX_FEATURES_PER_TOKEN a token;
+- the header's search box (MkDocs Material's, over `search/search_index.json`) also finds features:
+  `add_to_header_search` appends one title-only entry per labelled feature ("#12 label").
 
 Each file is a script calling `Atlas.loaded(name, data)`, not JSON, so the pages can load it
 with a <script> tag, which also works from file:// where fetch() of local files does not.
@@ -54,6 +56,8 @@ class FeatureTable:
     """Held-out tokens (contexts, for detection) the feature fired on: how much evidence the score rests on."""
     group: np.ndarray
     """Matryoshka nesting level (0: the first prefix); -1 where the SAE has none."""
+    dominated_by: list[str]
+    """"" or "special-token" or "position" (atlas/analyze/dedup.py): fires on where a token is, not what it says."""
 
     @property
     def n(self) -> int:
@@ -61,7 +65,7 @@ class FeatureTable:
 
 
 COLUMNS = ["feature_id", "label", "density", "max_act", "map_x", "map_y", "is_dead", "is_dense", "label_f1",
-           "label_precision", "label_recall", "heldout_fired"]
+           "label_precision", "label_recall", "heldout_fired", "dominated_by"]
 
 
 def read_feature_table(features_dir: Path) -> FeatureTable:
@@ -79,7 +83,7 @@ def read_feature_table(features_dir: Path) -> FeatureTable:
         t = t.append_column(name, group)
         for c in [*COLUMNS, name]:
             col = t.column(c)
-            if c == "label":
+            if c in ("label", "dominated_by"):
                 cols[c].append(col.to_pylist())
             elif c == "group":                      # null (no nesting) reads as -1
                 cols[c].append(col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64))
@@ -90,12 +94,14 @@ def read_feature_table(features_dir: Path) -> FeatureTable:
     ids = np.concatenate(cols["feature_id"])
     order = np.argsort(ids, kind="stable")
     labels_all = [x or "" for chunk in cols["label"] for x in chunk]
+    dominated_all = [x or "" for chunk in cols["dominated_by"] for x in chunk]
     pick = lambda c: np.concatenate(cols[c])[order]  # noqa: E731
     return FeatureTable(ids[order], [labels_all[i] for i in order], pick("density").astype(np.float64),
                         pick("max_act").astype(np.float64), pick("map_x"), pick("map_y"),
                         pick("is_dead").astype(bool), pick("is_dense").astype(bool), pick("label_f1"),
                         pick("label_precision"), pick("label_recall"), pick("heldout_fired").astype(np.int64),
-                        pick("group"))
+                        pick("group"),
+                        [dominated_all[i] for i in order])
 
 
 def _round(a: np.ndarray, digits: int = 4) -> list:
@@ -128,7 +134,9 @@ def write_features(data_dir: Path, table: FeatureTable, top_token: np.ndarray, v
         out[table.ids] = values
         return out
 
-    flags = dense(table.is_dead.astype(np.int8) | (table.is_dense.astype(np.int8) << 1))
+    # flags: 1 dead, 2 dense, 4 dominated by special tokens, 8 dominated by position
+    dominated = np.array([{"special-token": 4, "position": 8}.get(d, 0) for d in table.dominated_by], np.int8)
+    flags = dense(table.is_dead.astype(np.int8) | (table.is_dense.astype(np.int8) << 1) | dominated)
     tokens = [vocab[t] if 0 <= t < len(vocab) else "" for t in top_token.tolist()]
     _write_js(data_dir / "features.js", "features", {
         "n": n, "present": dense(np.ones(len(table.ids), np.int8)).tolist() if len(table.ids) < n else None,
@@ -177,3 +185,18 @@ def write_tokens(data_dir: Path, tok_token: np.ndarray, tok_feature: np.ndarray,
     _write_js(data_dir / "tokens" / "meta.js", "tokens/meta", {"shards": n_shards})
     return n_shards
 
+
+
+def add_to_header_search(site: Path, table: FeatureTable) -> int:
+    """Append "#id label" entries (title only, no page text: the index stays small) for every labelled
+    feature to MkDocs' search/search_index.json, so the header's search box finds features by the
+    words of their labels. Returns the number of entries added (0 without a search index)."""
+    path = Path(site) / "search" / "search_index.json"
+    if not path.exists():
+        return 0
+    index = json.loads(path.read_text(encoding="utf-8"))
+    added = [{"location": f"features/{int(i)}/index.html", "title": f"#{int(i)} {lab}", "text": ""}
+             for i, lab in zip(table.ids.tolist(), table.labels) if lab]
+    index["docs"] = [d for d in index["docs"] if not d["location"].startswith("features/")] + added
+    path.write_text(json.dumps(index, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    return len(added)

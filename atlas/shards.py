@@ -51,10 +51,14 @@ FEATURES_SCHEMA = pa.schema([
     ("map_y", pa.float32()),
     ("is_dead", pa.bool_()),                     # never fired on the analysed tokens
     ("is_dense", pa.bool_()),                    # density above analyze.dense_threshold
+    ("dominated_by", pa.string()),               # "", "special-token" or "position" (atlas/analyze/dedup.py)
 ])
 GROUP_FIELD = pa.field("group", pa.int16())
 """An optional column after FEATURES_SCHEMA's, written only for an SAE trained as nested prefixes
 (Matryoshka): each feature's nesting level, 0 for the first prefix. Readers look for it."""
+
+# Columns added after schema v2 was published: shards written before them read with this default.
+OPTIONAL_COLUMNS = {"dominated_by": pa.scalar("", pa.string())}
 
 EXAMPLES_SCHEMA = pa.schema([
     ("feature_id", pa.int32()),
@@ -88,10 +92,18 @@ class FeatureRecord:
 
 def write_table(path: Path, table: pa.Table, schema: pa.Schema) -> None:
     """Write a table with the given schema, atomically (temporary name, then rename)."""
-    table = table.select(schema.names).cast(schema)
+    table = _with_optional(table, schema).select(schema.names).cast(schema)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp, compression=COMPRESSION)
     tmp.replace(path)
+
+
+def _with_optional(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with each of the schema's OPTIONAL_COLUMNS it lacks, filled with the column's default."""
+    for name, default in OPTIONAL_COLUMNS.items():
+        if name in schema.names and name not in table.column_names:
+            table = table.append_column(name, pa.array([default.as_py()] * table.num_rows, default.type))
+    return table
 
 
 def read_table(path: Path, schema: pa.Schema, filters=None) -> pa.Table:
@@ -103,6 +115,7 @@ def read_table(path: Path, schema: pa.Schema, filters=None) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as e:
         raise AtlasError(f"{path}: corrupt or truncated shard ({str(e).splitlines()[0]}); "
                          f"delete it and run `atlas analyze` again") from None
+    table = _with_optional(table, schema)
     missing = [n for n in schema.names if n not in table.column_names]
     if missing:
         raise AtlasError(f"{path}: not a feature shard of schema v{SCHEMA_VERSION} (missing {', '.join(missing)})")

@@ -75,7 +75,3 @@ def configs(cfg: RunConfig, only: str | None = None) -> list[RunConfig]:
                               f"{', '.join(m.id for m in members(cfg))})")
     return [member_config(cfg, m.layer, m.d_sae) for m in chosen]
 
-
-def find(cfg: RunConfig, sae_id: str) -> Member:
-    """The member with this id."""
-    return next(m for m in members(cfg) if m.id == sae_id)

@@ -111,6 +111,8 @@ def write(run_dir: Path, n_features: int, *, shard_size: int = 512, n_top: int =
             "neighbour_cosines": _list_array(np.sort(rng.uniform(0, 1, (n, 10)))[:, ::-1].astype(np.float32), 10, pa.float32()),
             "map_x": rng.normal(0, 3, n).astype(np.float32) + (ids % 7), "map_y": rng.normal(0, 3, n).astype(np.float32),
             "is_dead": dead, "is_dense": density > 0.1,
+            # planted: every 17th feature fires on special tokens, every 17th from 9 on at one position
+            "dominated_by": ["special-token" if i % 17 == 2 else "position" if i % 17 == 9 else "" for i in ids],
         })
         shards.write_table(out / shards.shard_name("features", s), feats, shards.FEATURES_SCHEMA)
 

@@ -82,6 +82,20 @@ def tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 # Exactness
 
 
+def distinct_windows(rows: np.ndarray, tokens: np.ndarray, a) -> list[int]:
+    """Which of a feature's top rows (strongest first) its page shows: each one whose window (context_left
+    tokens before, context_right after, within the context) and marked place differ from every earlier one's."""
+    L, seen, keep = tokens.shape[1], set(), []
+    for i, r in enumerate(rows.tolist()):
+        c, o = divmod(r, L)
+        lo, hi = max(0, o - a.context_left), min(L, o + a.context_right + 1)
+        key = (tuple(np.asarray(tokens[c, lo:hi]).tolist()), o - lo)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
 def test_statistics_and_top_examples_equal_brute_force(analyzed):
     cfg, out, dense, tokens = analyzed
     feats, ex = tables(out)
@@ -103,9 +117,10 @@ def test_statistics_and_top_examples_equal_brute_force(analyzed):
         n = min(cfg.analyze.n_top, int((col > 0).sum()))
         vals, rows = col.sort(descending=True, stable=True)
         got = top[top.feature_id == f].sort_values("rank")
-        assert list(got["rank"]) == list(range(n))
-        np.testing.assert_array_equal(got.context * L + got.offset, rows[:n].numpy())
-        np.testing.assert_array_equal(got.activation, vals[:n].numpy())
+        keep = distinct_windows(rows[:n].numpy(), tokens, cfg.analyze)
+        assert list(got["rank"]) == list(range(len(keep)))
+        np.testing.assert_array_equal(got.context * L + got.offset, rows[:n].numpy()[keep])
+        np.testing.assert_array_equal(got.activation, vals[:n].numpy()[keep])
 
 
 def test_histograms_sum_to_firing_counts(analyzed):
@@ -328,6 +343,7 @@ def test_relu_sae_and_model_without_lm_head(analyzed, tiny_run, monkeypatch, tmp
     out = analyze.run(cfg)
     with ActivationStore(cfg.run_dir / "activations.h5") as store:
         dense = load_sae(cfg.run_dir / "sae").encode(torch.from_numpy(store.read(0, store.n_tokens)))
+        tokens = np.array(store.tokens)
     dense[:: store.ctx_len] = 0
     _, ex = tables(out)
     for f in (0, 10, 50):
@@ -335,7 +351,8 @@ def test_relu_sae_and_model_without_lm_head(analyzed, tiny_run, monkeypatch, tmp
         vals, rows = dense[:, f].sort(descending=True, stable=True)
         n = min(cfg.analyze.n_top, int((dense[:, f] > 0).sum()))
         assert n > 0
-        np.testing.assert_array_equal(got.context * store.ctx_len + got.offset, rows[:n].numpy())
+        keep = distinct_windows(rows[:n].numpy(), tokens, cfg.analyze)
+        np.testing.assert_array_equal(got.context * store.ctx_len + got.offset, rows[:n].numpy()[keep])
     m = read_manifest(out)
     assert m["has_logits"] is False
     feats, _ = tables(out)
@@ -419,3 +436,58 @@ def test_reservoir_by_random_keys_is_uniform():
     freq = torch.bincount(pos.flatten(), minlength=n).double() / G
     assert (pos >= 0).all()
     assert ((freq - m / n).abs() < 0.03).all(), freq  # 0.03 is > 4 standard errors
+
+
+def _examples(feat, row, top, windows):
+    """dedup.Examples from per-example lists: windows as (start_row, tokens)."""
+    from atlas.analyze.dedup import Examples
+    from atlas.analyze.windows import Windows
+
+    widths = [len(t) for _, t in windows]
+    offsets = torch.tensor([0] + list(np.cumsum(widths)), dtype=torch.int64)
+    flat = [x for _, t in windows for x in t]
+    n = len(feat)
+    interval = torch.tensor([-1 if t else 0 for t in top], dtype=torch.int16)
+    return Examples(torch.tensor(feat), torch.tensor(row), torch.arange(n, 0, -1).float(), torch.tensor(top), interval,
+                    torch.zeros(n, dtype=torch.int16),
+                    Windows(torch.tensor([s for s, _ in windows]), offsets, torch.arange(len(flat)).float()),
+                    torch.tensor(flat, dtype=torch.int32))
+
+
+def test_duplicate_examples_are_dropped():
+    """Among a feature's top examples, the same store row twice, or the same window marked at the same
+    place in another context: the first is kept, ranks renumbered; the same window marked elsewhere,
+    another feature's, or an interval sample stays."""
+    from atlas.analyze.dedup import drop_duplicates
+
+    L = 100
+    ex = _examples(
+        feat=[0, 0, 0, 0, 0, 1, 1],
+        row=[10, 210, 310, 10, 415, 10, 510],
+        top=[True, True, True, True, False, True, True],
+        windows=[(8, [5, 6, 7, 8]), (208, [5, 6, 7, 8]), (308, [5, 6, 7, 8]), (8, [5, 6, 7, 8]), (414, [1, 2]),
+                 (8, [5, 6, 7, 8]), (509, [5, 6, 7, 8])])
+    # 0: kept; 1: same window, same mark (210 - 208 = 2) -> dropped; 2: same again -> dropped; 3: same row -> dropped;
+    # 4: an interval example (never dropped); 5: another feature's; 6: the same tokens marked at 1, not 2 -> kept
+    out = drop_duplicates(ex, L)
+    assert out.row.tolist() == [10, 415, 10, 510]
+    assert out.rank.tolist() == [0, 0, 0, 1]
+    assert out.windows.offsets.tolist() == [0, 4, 6, 10, 14]
+    assert out.win_tokens.tolist() == [5, 6, 7, 8, 1, 2, 5, 6, 7, 8, 5, 6, 7, 8]
+    assert out.windows.acts.tolist() == [0, 1, 2, 3, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25]
+
+
+def test_special_token_and_position_features_are_marked():
+    from atlas.analyze.dedup import dominated_by
+
+    L, bos, sep = 10, 0, 1
+    tokens = torch.arange(100, dtype=torch.int32) % 7 + 2          # ordinary tokens 2..8
+    tokens[::L] = bos
+    tokens[[13, 25, 37, 48]] = sep
+    ex = _examples(
+        feat=[0] * 5 + [1] * 5 + [2] * 5 + [3] * 2,
+        # 0: 4 of 5 on separators; 1: 4 of 5 at offset 1; 2: spread out; 3: too few to say
+        row=[13, 25, 37, 48, 52] + [1, 11, 21, 31, 45] + [2, 14, 26, 38, 47] + [1, 11],
+        top=[True] * 17,
+        windows=[(r, [int(tokens[r])]) for r in [13, 25, 37, 48, 52, 1, 11, 21, 31, 45, 2, 14, 26, 38, 47, 1, 11]])
+    assert dominated_by(ex, tokens, L, 5, {bos, sep}) == ["special-token", "position", "", "", ""]

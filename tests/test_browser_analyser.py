@@ -310,6 +310,15 @@ def test_every_layer_matches_python(browser, suite_site):
         assert sorted(onnx_requests) == sorted(["onnx/model.json", "onnx/trunk.web.onnx", "onnx/tokenizer.json"]
                                                + [f"onnx/encoder-{i}.web.onnx" for i, _, _ in SUITE])
         assert browser.external_requests == [] and page.console_errors == [] and page.failed == []
+        # the lists and colours follow the chosen SAE (the first by default), linked to its pages
+        assert page.input_value(".atlas-sae-select") == SUITE[0][0]
+        page.select_option(".atlas-sae-select", "L3")
+        page.wait_for_function("document.querySelector('.atlas-strongest a')?.href.includes('/L3/features/')")
+        ref = ort_reference(suite_site, text, "L3")
+        first = page.query_selector(".atlas-strongest li")
+        best = max(((float(a), int(i)) for t in range(1, len(ref["ids"]))
+                    for i, a in zip(ref["top_ids"][t], ref["top_acts"][t])), default=(0.0, -1))
+        assert close(float(first.get_attribute("data-act")), best[0])
         # a feature page of one SAE runs that SAE's encoder
         page = _try(browser, url + "L3/", 5, text)
         ref = ort_reference(suite_site, text, "L3")

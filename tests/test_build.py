@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from html.parser import HTMLParser
@@ -118,9 +119,12 @@ def test_feature_page_content(built_site):
     dead = (built_site / "features" / "5" / "index.html").read_text(encoding="utf-8")
     assert "atlas-badge dead" in dead
     assert "Nesting level" not in page and "atlas-badge dominated" not in page     # shards without those columns
-    # feature pages stay out of MkDocs' search index and nav
+    # feature pages are in MkDocs' search index by title ("#id label") only, without their text
     index = json.loads((built_site / "search" / "search_index.json").read_text())
-    assert not [d for d in index["docs"] if d["location"].startswith("features/")]
+    entries = [d for d in index["docs"] if d["location"].startswith("features/")]
+    assert entries and all(d["text"] == "" and re.fullmatch(r"features/\d+/index\.html", d["location"]) for d in entries)
+    assert {"location": "features/0/index.html", "title": "#0 " + search_index.read_feature_table(
+        built_site.parent / "features").labels[0], "text": ""} in entries
     home = (built_site / "index.html").read_text(encoding="utf-8")
     assert "features/0/" not in home
 
@@ -307,3 +311,22 @@ def test_missing_features_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(AtlasError, match="features"):
         build.run(RunConfig(path="nothing.yaml"), analyser=False)
+
+
+def test_notable_leaves_out_special_token_and_position_features(built_site):
+    """Features the analysis marked dominated_by (planted in the synthetic run) are not among the notable
+    cards or vague features by default, although some would rank there; the switch lists them."""
+    table = search_index.read_feature_table(built_site.parent / "features")
+    dominated = {int(i) for i, d in zip(table.ids, table.dominated_by) if d}
+    assert dominated
+    unmarked = dataclasses.replace(table, dominated_by=[""] * len(table.dominated_by))
+    would_rank = set(build.notable_ids(unmarked)) | set(build.notable_ids(unmarked, 12, vague=True))
+    assert would_rank & dominated, "no planted feature would rank: the test could not fail"
+    page = (built_site / "notable.html").read_text(encoding="utf-8")
+    ranked, _, switch = page.partition('<details class="atlas-dominated"')
+    assert switch, "no switch showing the dominated features"
+    shown = {int(m) for m in re.findall(r'href="features/(\d+)/index.html"', ranked)}
+    assert shown and not shown & dominated
+    listed = {int(m) for m in re.findall(r'href="features/(\d+)/index.html"', switch.split("</details>")[0])}
+    assert listed and listed <= dominated
+    assert "special-token" in switch and "position" in switch

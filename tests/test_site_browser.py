@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from urllib.parse import quote, urldefrag
@@ -246,6 +247,91 @@ def test_explorer_sorts_and_filters(browser, server, site_url, tiny_site, shots)
     page.screenshot(path=str(shots / "explorer.png"))
     assert first
     _clean(page, server, site_url)
+
+
+def test_explorer_state_survives_back(browser, hostile_server):
+    """Filter, sort, a switch and a page of the explorer are kept in the URL: open a feature, go Back, the
+    same rows in the same order; the URL alone gives the same view. Special-token/position features
+    (planted in the synthetic run) carry a badge and the switch hides them."""
+    base = hostile_server.url(HOSTILE)
+    page = _visit(browser, base + "explorer.html")
+    page.wait_for_selector("#atlas-rows a")
+    assert page.locator("#atlas-rows .atlas-badge.dominated").count() > 0
+    page.fill("#atlas-filter", "after")
+    page.check("#atlas-hide-dominated")
+    page.click("button[data-sort=f1]")
+    page.click("button[data-sort=f1]")                      # twice: ascending
+    page.click("#atlas-next")
+    page.wait_for_function("() => document.getElementById('atlas-page').textContent.startsWith('page 2')")
+    rows = page.locator("#atlas-rows tr").all_inner_texts()
+    assert page.locator("#atlas-rows .atlas-badge.dominated").count() == 0
+    url = page.url
+    assert "filter=after" in url and "sort=f1" in url and "page=2" in url and "hide-dominated=1" in url, url
+    page.locator("#atlas-rows a").first.click()
+    page.wait_for_url("**/features/*/index.html")
+    page.go_back()
+    page.wait_for_selector("#atlas-rows a")
+    assert page.url == url
+    assert page.input_value("#atlas-filter") == "after" and page.is_checked("#atlas-hide-dominated")
+    assert not page.locator(".md-search__input").evaluate("e => e === document.activeElement")  # the theme's search stays shut
+    assert page.locator("#atlas-rows tr").all_inner_texts() == rows
+    assert page.get_attribute("th:has(button[data-sort=f1])", "aria-sort") == "ascending"
+    fresh = _visit(browser, url)                             # shared as a link
+    fresh.wait_for_selector("#atlas-rows a")
+    assert fresh.locator("#atlas-rows tr").all_inner_texts() == rows
+    _clean(page, hostile_server, base)
+
+
+def test_header_search_finds_features_by_label(browser, hostile_server, built_site):  # noqa: F811
+    """The theme's search box in the header finds a feature by one word of its label."""
+    from atlas import search_index
+
+    table = search_index.read_feature_table(built_site.parent / "features")
+    word = "happy"                      # a word of some synthetic labels (lunr drops stop words such as "after")
+    ids = [i for i, lab in zip(table.ids.tolist(), table.labels) if word in lab.lower().split()]
+    assert ids
+    base = hostile_server.url(HOSTILE)
+    page = _visit(browser, base + "about.html")
+    page.click("label.md-search__icon, .md-search__input")
+    page.locator(".md-search__input").press_sequentially(word, delay=30)   # the theme searches on key presses
+    page.wait_for_selector(".md-search-result__item a[href*='features/']", timeout=20_000)
+    hrefs = page.eval_on_selector_all(".md-search-result__item a", "els => els.map(e => e.href)")
+    found = {int(m) for h in hrefs for m in re.findall(r"/features/(\d+)/index.html", h)}
+    assert found & set(ids), (word, ids, hrefs[:5])
+    assert all(h.startswith(base) for h in hrefs)
+    _clean(page, hostile_server, base)
+
+
+def test_token_search_finds_non_peak_tokens(browser, hostile_server, built_site):  # noqa: F811
+    """Token search covers every token a feature fires on in its shown windows, not only the marked peak
+    of its top examples: a feature is found by a token it fires on only away from its peaks."""
+    from atlas import shards
+
+    features = built_site.parent / "features"
+    vocab = shards.read_vocab(features)
+    manifest = shards.read_manifest(features)
+    found = None
+    for fid in range(40):
+        rec = shards.read_feature(features, fid, manifest)
+        peaks = {e["token_ids"][e["offset"] - e["window_start"]] for e in rec.examples if e["kind"] == "top"}
+        fired = {t for e in rec.examples for t, a in zip(e["token_ids"], e["acts"]) if a > 0}
+        for t in sorted(fired - peaks):
+            text = vocab[t]
+            if text.strip() and text.isprintable() and "<" not in text:
+                found = (fid, text)
+                break
+        if found:
+            break
+    assert found, "no feature fires on a token away from its peaks"
+    fid, text = found
+    base = hostile_server.url(HOSTILE)
+    page = _visit(browser, base + "search.html?token=" + urllib.parse.quote(text))
+    page.wait_for_function("() => document.getElementById('atlas-search-status').textContent.includes('fire on')")
+    entry = page.evaluate("(t) => Atlas.tokenEntry(t)", text)
+    assert entry and fid in entry[0], (text, fid, entry)
+    links = page.eval_on_selector_all("#atlas-results a", "els => els.map(e => e.getAttribute('href'))")
+    assert any(h.endswith(f"features/{fid}/index.html") for h in links)
+    _clean(page, hostile_server, base)
 
 
 def test_map_hover_and_click(browser, server, site_url, shots):

@@ -113,7 +113,7 @@ def test_every_layer_is_checked_before_the_store_is_touched(tiny_config, capsys)
     assert store.stat().st_mtime_ns == before
 
 
-SUITE = ["model.layer=[1, 2, 3]", "sae.d_sae=[32, 64]", "train.n_tokens=60000"]
+SUITE = ["model.layer=[1, 2, 3]", "sae.d_sae=[64, 128]", "train.n_tokens=60000"]
 
 
 def _atlas(command: str, config: Path, *extra: str) -> int:
@@ -125,7 +125,7 @@ def _atlas(command: str, config: Path, *extra: str) -> int:
 @pytest.mark.slow
 def test_the_tiny_worlds_suite_end_to_end(tiny_config, capsys):
     """Three layers x a width family of two: one collection, six SAEs in SAELens' format, each analysed
-    in its own folder, and the links between them."""
+    in its own folder, the links between them, and the export (a trunk and six encoders)."""
     import json
 
     import pyarrow.parquet as pq
@@ -137,7 +137,7 @@ def test_the_tiny_worlds_suite_end_to_end(tiny_config, capsys):
         assert _atlas(command, tiny_config) == 0, capsys.readouterr().err
     assert not Path("runs/tiny/sae").exists() and not Path("runs/tiny/features").exists()
     ids = [m.id for m in members(cfg)]
-    assert ids == ["L1-32", "L1-64", "L2-32", "L2-64", "L3-32", "L3-64"]
+    assert ids == ["L1-64", "L1-128", "L2-64", "L2-128", "L3-64", "L3-128"]
     for m in members(cfg):
         assert m.dir == Path("runs/tiny/saes") / m.id
         raw = json.loads((m.dir / "sae" / "cfg.json").read_text())  # SAELens 6 layout
@@ -147,14 +147,22 @@ def test_the_tiny_worlds_suite_end_to_end(tiny_config, capsys):
         manifest = json.loads((m.dir / "features" / "manifest.json").read_text())
         assert (manifest["n_features"], manifest["hook_name"], manifest["layer"]) == (m.d_sae, m.hook_name, m.layer)
     links_manifest = json.loads(Path("runs/tiny/links/manifest.json").read_text())
-    assert links_manifest["members"]["L2-32"]["prev"] == "L1-32" and links_manifest["members"]["L2-32"]["child"] == "L2-64"
-    rows = pq.read_table("runs/tiny/links/L2-32.parquet").to_pylist()
-    assert {r["feature_id"] for r in rows if r["relation"] == "next"} == set(range(32))
+    assert links_manifest["members"]["L2-64"]["prev"] == "L1-64" and links_manifest["members"]["L2-64"]["child"] == "L2-128"
+    rows = pq.read_table("runs/tiny/links/L2-64.parquet").to_pylist()
+    assert {r["feature_id"] for r in rows if r["relation"] == "next"} == set(range(64))
+    # the browser's files: one trunk to the deepest hook, one encoder per SAE, the gate per SAE
+    assert _atlas("export", tiny_config) == 0, capsys.readouterr().err
+    meta = json.loads(Path("runs/tiny/onnx/model.json").read_text())
+    assert meta["trunk"]["outputs"] == {"1": "resid_1", "2": "resid_2", "3": "resid_3"}
+    assert [(s["id"], s["layer"], s["d_sae"]) for s in meta["saes"]] == [(m.id, m.layer, m.d_sae) for m in members(cfg)]
+    parity = json.loads(Path("runs/tiny/onnx/parity.json").read_text())
+    for sae_id, r in parity["saes"].items():
+        assert r["full"]["ok"] and r["web"]["ok"] and r["web"]["pages_top1_agreement"] >= 0.9, (sae_id, r["web"])
     # one member at a time: only it is looked at
     capsys.readouterr()
-    assert _atlas("analyze", tiny_config, "--sae", "L3-64") == 0
+    assert _atlas("analyze", tiny_config, "--sae", "L3-128") == 0
     out = capsys.readouterr().out
-    assert "runs/tiny/saes/L3-64/features is up to date" in out and "L1-32" not in out
+    assert "runs/tiny/saes/L3-128/features is up to date" in out and "L1-64" not in out
     assert _atlas("train", tiny_config, "--sae", "L9") != 0
     assert "--sae L9: " in capsys.readouterr().err
 
@@ -193,5 +201,5 @@ def test_import_of_a_release_maps_each_sae_to_its_member(tiny_config, tmp_path, 
     import shutil
 
     shutil.rmtree(release / "sae-0")
-    with pytest.raises(AtlasError, match=r"no SAE folder for L3-64 \(blocks.3.hook_resid_pre, d_sae 64\)"):
+    with pytest.raises(AtlasError, match=r"no SAE folder for L3-128 \(blocks.3.hook_resid_pre, d_sae 128\)"):
         import_sae.run(cfg, release)

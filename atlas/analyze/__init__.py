@@ -58,12 +58,13 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     if force and partial.exists() and main:
         shutil.rmtree(partial)
     distributed.barrier()
-    w_u, vocab, error = None, [], None
+    w_u, vocab, special, error = None, [], frozenset(), None
     if main:  # W_U and vocab (rank 0 writes the output); fail early, on every rank
         try:
             loaded = load_model(cfg.model.name, cfg.model.revision, "cpu", "float32", gguf_file=cfg.model.gguf_file)
             w_u = loaded.unembedding()
             vocab = vocab_texts(loaded.tokenizer)
+            special = frozenset(int(i) for i in loaded.tokenizer.all_special_ids) | {loaded.separator_token_id}
             del loaded
         except AtlasError as e:
             error = e
@@ -92,7 +93,8 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
                                            cfg.llm_cache_dir)
             with opening.write() as tmp:
                 manifest = write_features(tmp, stream, w_dec, w_u, vocab, a, store.tokens, device, labelling,
-                                          sae.latent_groups())
+                                          groups=sae.latent_groups(),
+                                          special_ids=special | {store.info.bos_token_id})
                 manifest.update(run_metadata(cfg, store, sae_dir, w_u is not None))
                 if world > 1:
                     manifest["processes"] = world

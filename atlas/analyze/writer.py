@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from atlas.analyze.dedup import Examples, dominated_by, drop_duplicates
 from atlas.analyze.features import label_features, logit_effects, neighbours, split_facts
 from atlas.analyze.passes import StreamResult
 from atlas.analyze.windows import window_rows
@@ -42,13 +43,15 @@ def vocab_texts(tokenizer) -> list[str]:
 
 def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: list[str], a,
                    tokens: np.ndarray, device: torch.device = torch.device("cpu"),
-                   labelling: "label_data.LabelData | None" = None, groups: torch.Tensor | None = None) -> dict:
+                   labelling: "label_data.LabelData | None" = None, groups: torch.Tensor | None = None,
+                   special_ids: frozenset[int] = frozenset()) -> dict:
     """Write the shards and vocab.parquet into `out`; return the manifest's shard/analysis keys.
 
     Logit effects and neighbours are computed on `device`; everything else on the CPU. Labels are
     chosen and scored on `labelling`'s splits (without it, rule explainers fall back to top-tokens
     and labels go unscored). `groups`: each feature's nesting level (`SparseAutoencoder.latent_groups`),
-    written as the optional `group` column (shards.GROUP_FIELD), or None (no such column)."""
+    written as the optional `group` column (shards.GROUP_FIELD), or None (no such column).
+    `special_ids`: the tokenizer's special tokens (BOS, separator, padding), for `dominated_by`."""
     d_sae = w_dec.shape[0]
     flat_tokens = torch.from_numpy(np.ascontiguousarray(tokens).reshape(-1).astype(np.int32))
     t0 = time.perf_counter()
@@ -83,6 +86,10 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
 
     labelled = label_features(a, s, ex_feat, ex_row, flat_tokens, L, w, win_tokens, vocab, is_dead, density, top_ids,
                        labelling)
+    shown = drop_duplicates(Examples(ex_feat, ex_row, ex_val, ex_top, ex_int, ex_rank, w, win_tokens), L)
+    ex_feat, ex_row, ex_val, ex_top, ex_int, ex_rank = shown.feat, shown.row, shown.val, shown.top, shown.interval, shown.rank
+    w, win_tokens = shown.windows, shown.win_tokens
+    dominated = dominated_by(shown, flat_tokens, L, d_sae, set(special_ids) | {int(flat_tokens[0])})
 
     ex_bounds = torch.searchsorted(ex_feat, torch.arange(0, d_sae + a.shard_size, a.shard_size).clamp_max(d_sae))
     n_shards = (d_sae + a.shard_size - 1) // a.shard_size
@@ -111,6 +118,7 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
             "neighbour_ids": lists(nb_ids), "neighbour_cosines": lists(nb_cos),
             "map_x": xy[f0:f1, 0], "map_y": xy[f0:f1, 1],
             "is_dead": is_dead[f0:f1].numpy(), "is_dense": is_dense[f0:f1].numpy(),
+            "dominated_by": pa.array(dominated[f0:f1], pa.string()),
         })
         schema = FEATURES_SCHEMA
         if groups is not None:
@@ -146,6 +154,7 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
         "n_tokens": s.n_tokens,
         "n_dead": int(is_dead.sum()),
         "n_dense": int(is_dense.sum()),
+        "n_dominated": {k: dominated.count(k) for k in ("special-token", "position")},
         "n_examples": int(len(ex_feat)),
         "vocab_size": len(vocab),
         "has_logits": w_u is not None,

@@ -49,7 +49,16 @@
     }, function (e) { status.textContent = e.message; });
   }
 
+  // the query lives in the URL (?label= by label, ?token= by token): Back returns to it, a link shares it
+  function saveState() {
+    var q = input.value, p = new URLSearchParams();
+    if (q) p.set(mode() === "token" ? "token" : "label", q); // not "q": the theme's search box opens on ?q=
+    var query = p.toString();
+    history.replaceState(history.state, "", location.pathname + (query ? "?" + query : "") + location.hash);
+  }
+
   function go() {
+    saveState();
     var q = input.value, my = ++seq, t0 = performance.now();
     if (!q.trim()) { show([], ""); return; }
     if (mode() === "label") byLabel(q.trim(), t0); else byToken(q, t0, my);
@@ -61,7 +70,7 @@
     document.querySelectorAll("input[name=atlas-mode]").forEach(function (r) { r.addEventListener("change", go); });
     var p = new URLSearchParams(location.search);
     if (p.get("token") !== null) { document.querySelector("input[value=token]").checked = true; input.value = p.get("token"); }
-    else if (p.get("q")) input.value = p.get("q");
+    else if (p.get("label")) input.value = p.get("label");
     go();
   }, function (e) { status.textContent = e.message; });
 })();

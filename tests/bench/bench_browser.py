@@ -63,8 +63,10 @@ def export_mode(cfg, loaded, sae, contexts: list[list[int]], frequent, mode: str
     cfg.export.quantization, cfg.export.min_top1_agreement, cfg.export.min_topk_overlap = mode, 0.0, 0.0
     out.mkdir(parents=True, exist_ok=True)
     store = cfg.run_dir / "activations.h5"
-    pages = export.pages_reference(store, sae, len(contexts), cfg.analyze.skip_bos) if store.exists() else None
-    export.export_dir(out, loaded, sae, cfg, f"bench-{out.name}", contexts, frequent, pages)
+    sae_id = f"L{cfg.model.layer}"
+    pages = {sae_id: export.pages_reference(store, sae, len(contexts), cfg.analyze.skip_bos)} if store.exists() else None
+    saes = [export.SaeToExport(sae_id, cfg.model.layer, cfg.hook_name, sae, cfg.sae.architecture)]
+    export.export_dir(out, loaded, saes, cfg, f"bench-{out.name}", contexts, frequent, pages)
     return out
 
 
@@ -78,12 +80,16 @@ def old_int8_parity(onnx_dir: Path, loaded, sae, cfg, contexts) -> dict:
     from atlas import export
     from test_export import old_dynamic_int8
 
+    sae_id = f"L{cfg.model.layer}"
     graph = export.EncoderGraph(loaded.truncated(cfg.model.layer), sae, min(cfg.export.top_k, sae.W_enc.shape[1]))
-    reference = export.torch_outputs(graph.eval(), contexts)
+    reference = {sae_id: export.torch_outputs(graph.eval(), contexts)}
     with tempfile.TemporaryDirectory(dir=OUT) as d:
-        onnx.save(old_dynamic_int8(onnx.load(onnx_dir / "encoder.onnx")), f"{d}/int8.onnx")
-        r = export.check_file(Path(d) / "int8.onnx", contexts, reference)
-        return {"top1": r["top1_agreement"], "overlap": r["topk_overlap"], "web_mb": Path(f"{d}/int8.onnx").stat().st_size / 1e6}
+        onnx.save(old_dynamic_int8(onnx.load(onnx_dir / "trunk.onnx")), f"{d}/trunk.onnx")
+        onnx.save(old_dynamic_int8(onnx.load(onnx_dir / f"encoder-{sae_id}.onnx")), f"{d}/encoder.onnx")
+        r = export.check_split(Path(d) / "trunk.onnx", {sae_id: (Path(d) / "encoder.onnx", cfg.model.layer)}, contexts,
+                               reference)[sae_id]
+        mb = sum(Path(f"{d}/{f}").stat().st_size for f in ("trunk.onnx", "encoder.onnx")) / 1e6
+        return {"top1": r["top1_agreement"], "overlap": r["topk_overlap"], "web_mb": mb}
 
 
 REAL_LAYERS = (3, 11, 25)
@@ -157,16 +163,17 @@ def browser_times(site: Path, prompts: dict[int, str], repeats: int) -> dict:
 def python_times(onnx: Path, tokenizer, bos: int, prompts: dict[int, str], repeats: int) -> dict:
     from atlas import export
 
+    (sae,) = json.loads((onnx / "model.json").read_text())["saes"]
     t0 = time.perf_counter()
-    sess = export.session(onnx / "encoder.web.onnx", threads=1)
+    trunk, enc = export.session(onnx / "trunk.web.onnx", threads=1), export.session(onnx / sae["onnx"], threads=1)
     res = {"py_init_s": time.perf_counter() - t0}
     for n, text in prompts.items():
         ids = [bos] + tokenizer.encode(text, add_special_tokens=False).ids
-        export.run_session(sess, ids)
+        export.run_split(trunk, enc, sae["layer"], ids)
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            export.run_session(sess, ids)
+            export.run_split(trunk, enc, sae["layer"], ids)
             ts.append(time.perf_counter() - t0)
         res[f"py_warm_{n}_s"] = statistics.median(ts)
     return res
@@ -179,7 +186,7 @@ def measure(onnx: Path, work: Path, repeats: int) -> dict:
     from test_browser_analyser import assemble_site
 
     meta = json.loads((onnx / "model.json").read_text())
-    web = json.loads((onnx / "parity.json").read_text())["web"]
+    (web,) = (r["web"] for r in json.loads((onnx / "parity.json").read_text())["saes"].values())
     tok = Tokenizer.from_file(str(onnx / "tokenizer.json"))
     prompts = {n: prompt_of(tok, n) for n in (64, 128)}
     site = work / f"site-{onnx.name}"

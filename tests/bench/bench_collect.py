@@ -1,5 +1,6 @@
 """Collection throughput: `atlas collect` end to end versus the bare truncated forward it wraps,
-and the truncated forward (blocks 0..7) versus the full model with output_hidden_states.
+for one hook and for a suite's nine hooks (layers 0..8, one pass to the deepest), and the truncated
+forward (blocks 0..7) versus the full model with output_hidden_states.
 
 GPT-2 Small shaped (GPT2Config() defaults, random weights: the hub is not reachable here, and
 weights do not change the arithmetic), layer 8, 128-token contexts, float32 on the CPU.
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tiny_world import write_corpus  # noqa: E402
 
 N_CONTEXTS, CTX, BATCH, LAYER, REPEATS = 96, 128, 16, 8, 2
+SUITE_LAYERS = list(range(LAYER + 1))
 
 
 def main() -> dict:
@@ -60,8 +62,8 @@ def main() -> dict:
                 fn(ids[i:i + BATCH])
         return n_tok / (time.perf_counter() - t0)
 
-    def collect_seconds(n_tokens: int, name: str) -> float:
-        cfg = {"model": {"name": str(model_dir), "layer": LAYER, "device": "cpu"},
+    def collect_seconds(n_tokens: int, name: str, layer=LAYER) -> float:
+        cfg = {"model": {"name": str(model_dir), "layer": layer, "device": "cpu"},
                "corpus": {"dataset": str(work / "corpus.jsonl"), "ctx_len": CTX, "n_tokens": n_tokens,
                           "batch_size": BATCH, "chunk_contexts": 32, "store_dtype": "float16"}}
         (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
@@ -72,7 +74,7 @@ def main() -> dict:
 
     # Peers and ours alternate, best of REPEATS each, so a load change on the machine hits all alike.
     truncated = loaded.truncated(LAYER)
-    bare, full, ours = [], [], []
+    bare, full, ours, suite = [], [], [], []
     for r in range(REPEATS):
         with torch.inference_mode():
             bare.append(timed(lambda x: truncated(x)))
@@ -82,13 +84,18 @@ def main() -> dict:
         small = collect_seconds(BATCH * CTX, f"small{r}")
         big = collect_seconds(n_tok, f"big{r}")
         ours.append((n_tok - BATCH * CTX) / (big - small))
-    bare, full, ours = max(bare), max(full), max(ours)
+        small_suite = collect_seconds(BATCH * CTX, f"small-suite{r}", SUITE_LAYERS)
+        big_suite = collect_seconds(n_tok, f"big-suite{r}", SUITE_LAYERS)
+        suite.append((n_tok - BATCH * CTX) / (big_suite - small_suite))
+    bare, full, ours, suite = max(bare), max(full), max(ours), max(suite)
     startup = small
     result = {
         "title": "Collection (GPT-2 Small shape, layer 8, 128-token contexts, CPU float32 → float16 store)",
         "columns": ["measure", "ours", "peer", "ratio", "goal"],
         "rows": [
             ["atlas collect vs bare truncated forward (tok/s)", f"{ours:,.0f}", f"{bare:,.0f}", f"{ours / bare:.2f}×", "≥ 0.9×"],
+            [f"atlas collect of {len(SUITE_LAYERS)} hooks (layers 0..{LAYER}) vs bare truncated forward (tok/s)",
+             f"{suite:,.0f}", f"{bare:,.0f}", f"{suite / bare:.2f}×", "≥ 0.9×"],
             ["truncated forward (8 blocks) vs full forward + hidden_states (tok/s)", f"{bare:,.0f}", f"{full:,.0f}",
              f"{bare / full:.2f}×", "> 1×"],
         ],

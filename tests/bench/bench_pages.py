@@ -108,7 +108,7 @@ def build_old(features: Path, sample: int, work: Path) -> tuple[Path, float] | N
     for name in ["vocab.parquet"] + [shards.shard_name(k, s) for s in range(n_shards)
                                                    for k in ("features", "examples")]:
         shutil.copy2(features / name, run / "features" / name)
-    manifest.update(n_features=n_shards * size, n_shards=n_shards, sae={**manifest["sae"], "d_sae": n_shards * size})
+    manifest.update(n_features=min(manifest["n_features"], n_shards * size), n_shards=n_shards)
     (run / "features" / "manifest.json").write_text(json.dumps(manifest))
     script = ("import json; from pathlib import Path; from atlas import build; from atlas.config import RunConfig; "
               "f = Path('runs/old/features'); "

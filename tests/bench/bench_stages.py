@@ -89,8 +89,8 @@ def main() -> None:
     facts = {"n_tokens": raw["corpus"]["n_tokens"], "train_tokens": metrics["tokens"], "d_sae": raw["sae"]["d_sae"],
              "explained_variance": metrics["explained_variance"], "ce_loss_score": metrics.get("ce_loss_score"),
              "kl_score": metrics.get("kl_score"), "dead_fraction": metrics["dead_fraction"],
-             "web": parity["quantization"], "web_mb": parity["web_bytes"] / 1e6,
-             "pages_top1": parity["web"].get("pages_top1_agreement")}
+             "web": parity["quantization"], "web_mb": parity["first_analysis_bytes"] / 1e6,
+             "pages_top1": next(iter(parity["saes"].values()))["web"].get("pages_top1_agreement")}
     total = prereq + sum(r["seconds"] for r in stages.values())
     gpu = json.loads(args.gpu.read_text()) if args.gpu and args.gpu.exists() else None
 

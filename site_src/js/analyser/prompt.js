@@ -10,7 +10,7 @@
 import { renderLayers } from "./layers.js";
 import { loadModel, runEncoder, runTrunk, saePages, unsupportedReason } from "./model.js";
 import { featureActs, featureUnseen, promptCoverage, promptFeatures, tokenCoverage, tokenFeatures } from "./results.js";
-import { featureItem, loadLabels, progressReporter, renderTokens } from "./ui.js";
+import { el, featureItem, loadLabels, progressReporter, renderTokens } from "./ui.js";
 
 const root = document.querySelector("section.atlas-prompt");
 if (root) mount(root);
@@ -31,7 +31,11 @@ function mount(root) {
   const tokenCount = $(".atlas-token-coverage");
   const layersBlock = $(".atlas-layers-block");
   const layers = $(".atlas-layers");
+  const saeChoice = $(".atlas-sae-choice");
+  const saeSelect = $(".atlas-sae-select");
   let result = null;
+  let model = null;
+  let run = null; // the last prompt's trunk output: switching SAE runs only its encoder
   let pages = "";
   let selected = null;
   let labels = new Map();
@@ -56,26 +60,18 @@ function mount(root) {
     notice.hidden = true;
     try {
       const progress = progressReporter(bar, status);
-      const model = await loadModel(progress);
+      model = await loadModel(progress);
+      offerSaes();
       const t0 = performance.now();
-      const run = await runTrunk(model, text); // once: every SAE reads its layer's residual from it
-      result = await runEncoder(model, "", run, progress);
-      bar.hidden = true;
+      run = await runTrunk(model, text); // once: every SAE reads its layer's residual from it
+      await showSae(saeSelect.value, progress);
       const ms = performance.now() - t0;
-      pages = saePages(model, result.sae);
-      labels = await loadLabels(pages);
       status.textContent = `${result.ids.length} tokens analysed in ${ms.toFixed(0)} ms.`;
-      coverage.textContent = coverageLine(result);
       if (result.truncated) {
         notice.textContent = `The prompt has ${result.nTokens} tokens; only the first ${result.ids.length} ` +
           `(the model's maximum, including the start token) were analysed.`;
         notice.hidden = false;
       }
-      showStrongest();
-      const top = promptFeatures(result, 1)[0];
-      if (!featureInput.value && top) featureInput.value = String(top.id);
-      selected = null;
-      showHeatmap();
       if (model.meta.saes.length > 1) {
         const all = [];
         for (const sae of model.meta.saes) all.push(await runEncoder(model, sae.id, run, progress));
@@ -93,6 +89,34 @@ function mount(root) {
   });
 
   featureInput.addEventListener("input", () => result && showHeatmap());
+  saeSelect.addEventListener("change", async () => {
+    if (!run) return;
+    featureInput.value = "";
+    await showSae(saeSelect.value, progressReporter(bar, status));
+  });
+
+  /** For a suite: the SAEs to choose from for the lists and colours (once per page). */
+  function offerSaes() {
+    if (model.meta.saes.length < 2 || saeSelect.options.length) return;
+    for (const sae of model.meta.saes) {
+      saeSelect.append(el("option", { value: sae.id, text: `${sae.id} · layer ${sae.layer} · ${sae.d_sae.toLocaleString("en")} features` }));
+    }
+    saeChoice.hidden = false;
+  }
+
+  /** The lists and colours for SAE `id` ("" for the first) on the last prompt. */
+  async function showSae(id, progress) {
+    result = await runEncoder(model, id, run, progress);
+    bar.hidden = true;
+    pages = saePages(model, result.sae);
+    labels = await loadLabels(pages);
+    coverage.textContent = coverageLine(result);
+    showStrongest();
+    const top = promptFeatures(result, 1)[0];
+    if (!featureInput.value && top) featureInput.value = String(top.id);
+    selected = null;
+    showHeatmap();
+  }
 
   function showStrongest() {
     strongest.replaceChildren(...promptFeatures(result, 20).map((f) => {

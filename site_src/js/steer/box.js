@@ -92,6 +92,8 @@ function mount(section) {
     go.disabled = true;
     stop.disabled = false;
     let first = null;
+    let firstAt = 0;
+    let count = 0;
     w.onmessage = ({ data }) => {
       if (data.type === "progress") {
         status.textContent = data.phase === "download"
@@ -102,7 +104,8 @@ function mount(section) {
       } else if (data.type === "prompt") {
         section.dataset.promptIds = data.ids.join(",");
       } else if (data.type === "token") {
-        first ??= data.sinceStart;
+        if (first === null) { first = data.sinceStart; firstAt = performance.now(); }
+        count += 1;
         const list = runs[data.run];
         list.push(data.id);
         const span = el("span", { class: "atlas-steer-token", "data-id": data.id, text: data.text });
@@ -118,6 +121,9 @@ function mount(section) {
       } else if (data.type === "done" || data.type === "error") {
         status.textContent = data.type === "error" ? `Error: ${data.message}`
           : `${data.stopped ? "Stopped" : "Done"}; first token after ${(first / 1000).toFixed(1)} s.`;
+        // timings for tests/bench/bench_steer.py: first token since Generate, tokens/s after it (all columns)
+        section.dataset.firstMs = String(first);
+        section.dataset.tokensPerSecond = String((count - 1) / Math.max((performance.now() - firstAt) / 1000, 1e-9));
         section.dataset.state = data.type === "error" ? "error" : "done";
         go.disabled = false;
         stop.disabled = true;
