@@ -415,7 +415,8 @@ def markdown_text(text: str) -> str:
     return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in " ".join(text.split()))
 
 
-MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|$")
+MARKDOWN_SPECIAL = set("\\`*_{}[]#+-.!|$")
+"""Not ( ): without [ ] they make no link, and escaped they open arithmatex's inline math."""
 
 
 def score_distribution(table: search_index.FeatureTable, manifest: dict, bins: int = 10, width: int = 320,

@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import synthetic_shards
 import torch
 
 from atlas import steer
 from atlas.config import SAEConfig
 from atlas.model import load_model
 from atlas.saes import ARCHITECTURES, build_sae
+from atlas.shards import read_feature
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYER = 2
@@ -115,3 +117,11 @@ def test_cli(tiny_config, loaded):
     assert r.returncode != 0 and "error:" in r.stderr and "Traceback" not in r.stderr  # no features/ yet
     r = subprocess.run(cmd[:7] + ["999", *cmd[8:], "--clamp", "1"], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "--feature 999" in r.stderr and "Traceback" not in r.stderr
+    features = synthetic_shards.write(run, 256, shard_size=64, n_top=2, n_intervals=1, per_interval=1, n_vocab=600)
+    feature = next(i for i in range(256) if (read_feature(features, i).row["max_act"] or 0) > 0)
+    max_act = read_feature(features, feature).row["max_act"]
+    r = subprocess.run(cmd[:7] + [str(feature), *cmd[8:], "--strength", "4", "--control"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"strength 4 x max_act {max_act:.3g}" in r.stdout
+    assert all(f"{name}: Once upon a time[" in r.stdout for name in ("unsteered", "steered +4", "random control"))
