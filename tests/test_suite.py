@@ -8,6 +8,7 @@ import pytest
 
 from atlas.config import load_config
 from atlas.errors import AtlasError, ConfigError
+from atlas.links import neighbours, read_links
 from atlas.suite import configs, is_suite, members
 
 
@@ -158,6 +159,28 @@ def test_the_tiny_worlds_suite_end_to_end(tiny_config, capsys):
     parity = json.loads(Path("runs/tiny/onnx/parity.json").read_text())
     for sae_id, r in parity["saes"].items():
         assert r["full"]["ok"] and r["web"]["ok"] and r["web"]["pages_top1_agreement"] >= 0.9, (sae_id, r["web"])
+    # the site: every member's pages under site/<id>/, linked to the neighbouring layers' and widths' SAEs
+    assert _atlas("build", tiny_config) == 0, capsys.readouterr().err
+    site = Path("runs/tiny/site")
+    home = (site / "index.html").read_text(encoding="utf-8")
+    near = neighbours(cfg)
+    for m in members(cfg):
+        assert f'<a href="{m.id}/index.html">{m.id}</a>' in home
+        assert sorted(int(p.parent.name) for p in (site / m.id / "features").glob("*/index.html")) == list(range(m.d_sae))
+        rows = read_links(Path("runs/tiny/links"), m.id)
+        for fid in (0, m.d_sae // 2):
+            page = site / m.id / "features" / str(fid) / "index.html"
+            text = page.read_text(encoding="utf-8")
+            assert f"data-sae={m.id}" in text
+            for relation in ("prev", "next", "parent", "child"):
+                expected = rows.get(fid, {}).get(relation, [])
+                if relation in ("prev", "next", "parent") and getattr(near[m.id], relation) is not None:
+                    assert len(expected) >= (3 if relation != "parent" else 1), (m.id, fid, relation)
+                for other, oid, _ in expected:
+                    href = f"../../../{other}/features/{oid}/index.html"
+                    assert href in text and (page.parent / href).resolve().is_file(), (m.id, fid, href)
+    assert any(r.get("child") for r in read_links(Path("runs/tiny/links"), "L2-64").values())
+    assert (site / "onnx" / "model.json").exists() and not (site / "L2-64" / "onnx").exists()
     # one member at a time: only it is looked at
     capsys.readouterr()
     assert _atlas("analyze", tiny_config, "--sae", "L3-128") == 0
