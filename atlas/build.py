@@ -236,6 +236,7 @@ def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.F
     """site_src/ plus the generated pages, ready for MkDocs (`in_suite`: for one member of a suite's site,
     under site/<id>/, whose prompt analyser is the suite's, at the root)."""
     shutil.copytree(SITE_SRC, docs, dirs_exist_ok=True)
+    (docs / "js" / "suite-search.js").unlink()   # only a suite's root search page uses it
     env = pages.jinja_env()
     (docs / "index.md").write_text(env.get_template("home.md").render(home_view(cfg, manifest, table, metrics)))
     (docs / "notable.md").write_text(env.get_template("notable.md").render(mark=NOTABLE_MARK))
@@ -268,9 +269,23 @@ def write_suite_docs(docs: Path, cfg: RunConfig, ms: list, manifests: dict[str, 
     (docs / "index.md").write_text(env.get_template("suite_home.md").render(
         title=markdown_text(cfg.build.title), rows=rows, charts=suite_charts(rows)), encoding="utf-8")
     for name, (title, page) in SUITE_SECTIONS.items():
+        if name == "search":
+            continue
         items = "\n".join(f"- [{r['id']}]({r['id']}/{page}): layer {r['layer']}, {r['width']} features" for r in rows)
         (docs / f"{name}.md").write_text(f"# {title}\n\nEach SAE of the suite has its own {title.lower()}:\n\n{items}\n",
                                          encoding="utf-8")
+
+
+    saes = " ".join(r["id"] for r in rows)   # ids are L<layer> or L<layer>-<width>: no quoting needed
+    (docs / "search.md").write_text(
+        "# Search\n\nFind features by their **label** in every SAE of the suite (each SAE's own search page "
+        "also finds them by the tokens they fire on: "
+        + ", ".join(f"[{r['id']}]({r['id']}/search.html)" for r in rows) + ").\n\n"
+        f'<div id="atlas-suite-search" class="atlas-app" data-saes="{saes}">\n<div class="atlas-controls">\n'
+        '<input type="search" id="atlas-q" placeholder="Search labels…" autocomplete="off" aria-label="Search labels">\n'
+        '<span id="atlas-search-status" aria-live="polite"></span>\n</div>\n'
+        '<ol id="atlas-results" class="atlas-results"></ol>\n</div>\n\n<script src="js/suite-search.js"></script>\n',
+        encoding="utf-8")
 
 
 def suite_row(m, manifest: dict, table: search_index.FeatureTable) -> dict:
@@ -635,7 +650,7 @@ def _source_hash() -> str:
     """What the site is made with besides the data: site_src/, templates/, mkdocs.yml and this code."""
     h = hashlib.sha256()
     files = [MKDOCS_YML, *sorted(SITE_SRC.rglob("*")), *sorted((ROOT / "templates").rglob("*")),
-             *(Path(__file__).parent / m for m in ("build.py", "page_data.py", "pages.py", "search_index.py", "shards.py"))]
+             *(Path(__file__).parent / m for m in ("build.py", "links.py", "page_data.py", "pages.py", "search_index.py", "shards.py"))]
     for p in files:
         if p.is_file():
             h.update(str(p.relative_to(ROOT)).encode())

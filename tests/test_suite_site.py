@@ -110,3 +110,32 @@ def test_feature_pages_link_their_neighbours_across_the_suite(suite_site):
     text = (site / narrow / "features" / str(with_children[0]) / "index.html").read_text(encoding="utf-8")
     assert "Children (wider SAE)" in text and f"../../../{wide}/features/" in text
     assert "Parent (narrower SAE)" in (site / wide / "features/5/index.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_suite_search_finds_labels_in_every_sae(suite_site, browser):
+    from browser import serve
+
+    cfg, site, _ = suite_site
+    labels = {m.id: build._dense_labels(build.search_index.read_feature_table(v.features_dir))
+              for m, v in zip(members(cfg), configs(cfg))}
+    word = "after"    # in nearly every synthetic label (hostile ones included), of every SAE
+    expected = sorted(f"{sae} #{i}" for sae, ls in labels.items() for i, lab in enumerate(ls) if word in lab.lower())
+    assert len({e.split()[0] for e in expected}) == len(members(cfg))
+    with serve({"/suite/": site}) as server:
+        page = browser.new_page()
+        page.goto(server.url("/suite/") + "search.html?label=" + word)
+        page.wait_for_selector("#atlas-search-status:has-text('features')")
+        found = sorted(page.eval_on_selector_all("#atlas-results li a", "els => els.map(e => e.textContent)"))
+        assert found == expected
+        assert page.eval_on_selector_all("#atlas-results img", "els => els.length") == 0   # labels are text
+        href = page.eval_on_selector("#atlas-results li a", "e => e.href")
+        page.goto(href)
+        page.wait_for_load_state("networkidle")
+        assert "/features/" in page.url and not page.console_errors, page.console_errors
+        home = browser.new_page()
+        home.goto(server.url("/suite/") + "index.html")
+        home.wait_for_load_state("networkidle")
+        assert not home.console_errors and not home.failed and not server.stray, (home.console_errors, home.failed)
+        assert home.eval_on_selector_all("table.atlas-suite tbody tr", "els => els.length") == len(members(cfg))
