@@ -27,6 +27,7 @@ from atlas import shards
 
 TOKEN_SHARD_TARGET = 4000        # tokens per shard, roughly
 MAX_FEATURES_PER_TOKEN = 100
+MAX_TOKENS_PER_FEATURE = 24     # distinct tokens a feature is found by, its strongest
 
 
 def fnv1a(text: str) -> int:
@@ -158,6 +159,14 @@ def write_tokens(data_dir: Path, tok_token: np.ndarray, tok_feature: np.ndarray,
     first = np.r_[True, key[1:] != key[:-1]]
     key, act = key[first], tok_act[first]
     token, feature = (key >> 32).astype(np.int64), (key & 0xFFFFFFFF).astype(np.int64)
+    # per feature: its MAX_TOKENS_PER_FEATURE strongest distinct tokens (a bound on the index's bytes
+    # per feature, which the lean-page budget counts)
+    order = np.lexsort((-act, feature))
+    token, feature, act = token[order], feature[order], act[order]
+    starts = np.flatnonzero(np.r_[True, feature[1:] != feature[:-1]])
+    rank = np.arange(len(feature)) - np.repeat(starts, np.diff(np.r_[starts, len(feature)]))
+    keep = rank < MAX_TOKENS_PER_FEATURE
+    token, feature, act = token[keep], feature[keep], act[keep]
     # per token: features by activation, best first
     order = np.lexsort((-act, token))
     token, feature, act = token[order], feature[order], act[order]
@@ -171,12 +180,12 @@ def write_tokens(data_dir: Path, tok_token: np.ndarray, tok_feature: np.ndarray,
         e = min(e, s + MAX_FEATURES_PER_TOKEN)
         bucket = buckets[fnv1a(text) % n_shards]
         if text not in bucket:
-            bucket[text] = [feature[s:e].tolist(), _round(act[s:e], 3)]
+            bucket[text] = [feature[s:e].tolist(), _round(act[s:e], 2)]
             continue
         # two token ids with the same text (GPT-2's partial UTF-8 bytes all decode to "\ufffd"): merge them,
         # best first, one entry per feature
         best: dict[int, float] = {}
-        for f, a in zip(bucket[text][0] + feature[s:e].tolist(), bucket[text][1] + _round(act[s:e], 3)):
+        for f, a in zip(bucket[text][0] + feature[s:e].tolist(), bucket[text][1] + _round(act[s:e], 2)):
             best[f] = max(a, best.get(f, a))
         merged = sorted(best.items(), key=lambda fa: -fa[1])[:MAX_FEATURES_PER_TOKEN]
         bucket[text] = [[f for f, _ in merged], [a for _, a in merged]]

@@ -270,8 +270,8 @@ def test_group_and_dominated_by_shown_when_present(tmp_path, monkeypatch):
         group = pa.array(ids % 3, pa.int16())
         table = (table.set_column(table.column_names.index("group"), "group", group) if "group" in table.column_names
                  else table.append_column("group", group))
-        table = table.append_column("dominated_by", pa.array(
-            ["special-token" if i % 4 == 1 else "position" if i % 4 == 2 else "" for i in ids]))
+        dominated = pa.array(["special-token" if i % 4 == 1 else "position" if i % 4 == 2 else "" for i in ids])
+        table = table.set_column(table.column_names.index("dominated_by"), "dominated_by", dominated)
         pq.write_table(table, path)
     write_stamp(features, "synthetic with group and dominated_by")
     monkeypatch.chdir(tmp_path)
