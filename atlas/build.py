@@ -248,6 +248,8 @@ def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.F
     skel.mkdir(parents=True)
     (skel / "index.md").write_text(f"---\ntitle: '{pages.TITLE_MARK}'\nhide: [navigation, toc]\nsearch:\n  exclude: true\n---\n\n{pages.CONTENT_MARK}\n")
     if in_suite:
+        with open(docs / "index.md", "a", encoding="utf-8") as home:
+            home.write("\n\nThis SAE is one of a suite: see [the suite's home](../index.html) for the others.\n")
         (docs / "prompt.md").write_text("# Try a prompt\n\nThe suite's prompt analyser runs every SAE of the suite "
                                         "on your text: [try a prompt](../prompt.html).\n")
     elif not (docs / "prompt.md").exists():

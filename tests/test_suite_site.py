@@ -65,6 +65,7 @@ def test_every_member_has_every_page_and_the_home_lists_them(suite_site):
         for page in ("index.html", "explorer.html", "map.html", "search.html", "data/features.js"):
             assert (site / m.id / page).exists(), (m.id, page)
         assert f'<a href="{m.id}/index.html">{m.id}</a>' in home
+        assert '<a href="../index.html">the suite' in (site / m.id / "index.html").read_text(encoding="utf-8")
         assert (site / m.id / "onnx").exists() is False and (site / m.id / "assets/vendor").exists() is False
     # the synthetic manifest's metrics, and one line per width in each chart across layers
     assert home.count("<td>0.81</td>") == len(members(cfg)) and home.count("<polyline") == 3 * len(WIDTHS)
