@@ -412,7 +412,7 @@ def test_prompt_page_end_to_end(browser, server, site_url, tiny_site, shots):
     assert len(spans) == len(ids)
     # each token's strongest feature (hover shows the token's features, strongest first)
     for t in range(1, len(ids)):
-        spans[t].dispatch_event("mouseenter")
+        spans[t].dispatch_event("mouseover")
         assert page.get_attribute(".atlas-token-features", "data-index") == str(t)
         items = page.query_selector_all(".atlas-token-features li")
         got = [(int(li.get_attribute("data-feature-id")), float(li.get_attribute("data-act"))) for li in items]
