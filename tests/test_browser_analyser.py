@@ -57,7 +57,7 @@ def assemble_site(site: Path, onnx_dir: Path, labels: list[str] | None = None) -
             d.mkdir(parents=True, exist_ok=True)
             (d / "index.html").write_text(PAGE.format(csp=CSP, title=f"Feature {fid}", body=(
                 f'<section class="atlas-try" data-feature-id="{fid}" data-sae="{sae["id"]}" data-root="{up}"></section>'
-                f'<script type="module" src="{up}/js/analyser/try.js"></script>')))
+                f'<script src="{up}/js/analyser/boot.js" data-module="try.js" defer></script>')))
         if labels is not None:
             (pages / "data").mkdir(exist_ok=True)
             (pages / "data/features.js").write_text(f'Atlas.loaded("features",{json.dumps({"label": labels})});\n')
@@ -230,6 +230,38 @@ def _strongest(ref) -> int:
     return int(ref["top_ids"][1:][t, r])
 
 
+def test_training_context_note(browser, site, tmp_path):
+    """When the SAE's training contexts are shorter than a prompt, the page says from which token on
+    its features may fire differently."""
+    copy = tmp_path / "site"
+    shutil.copytree(site, copy)
+    meta = json.loads((copy / "onnx/model.json").read_text())
+    meta["ctx_len"] = 32
+    (copy / "onnx/model.json").write_text(json.dumps(meta))
+    with serve({PREFIX: copy}) as server:
+        page = browser.new_page()
+        page.goto(server.url(PREFIX) + "prompt.html")
+        analyse(page, "Lily and Tom went to the park to play with a ball.")
+        assert page.is_hidden(".atlas-notice")                # shorter than 32 tokens: nothing to say
+        analyse(page, "Lily and Tom went to the park to play with a ball. " * 5)
+        notice = page.inner_text(".atlas-notice")
+        assert "trained on contexts of 32 tokens (the start token and 31 of text)" in notice, notice
+        assert "from the 32nd token of a window on" in notice and "windows" not in notice, notice
+
+
+def test_text_in_the_url_is_analysed(browser, url):
+    """prompt.html#text=... (the feature pages' "analyse this example") fills in the text and runs it."""
+    text = "Lily said: <b>hi</b> & \"bye\"\n  indented"
+    page = browser.new_page()
+    page.goto(url + "prompt.html#text=" + quote(text, safe=""))
+    page.wait_for_selector("section.atlas-prompt[data-state=done]", state="attached", timeout=60_000)
+    assert page.input_value(".atlas-prompt-input") == text
+    tokens = page.query_selector_all(".atlas-tokens .atlas-token")
+    assert "".join(t.text_content() for t in tokens[1:]).replace("↵", "") == text
+    assert page.query_selector(".atlas-tokens b") is None
+    assert page.console_errors == []
+
+
 def _try(browser, url: str, feature: int, text: str):
     page = browser.new_page()
     page.goto(url + f"features/{feature}/index.html")
@@ -338,6 +370,11 @@ def test_file_url_explains_local_server(browser, site):
     page.wait_for_load_state("load")
     notice = page.inner_text(".atlas-needs-server")  # static: Chromium runs no module from file://
     assert "python -m http.server" in notice and page.is_disabled(".atlas-prompt-form button")
+    page.goto((site / "features/3/index.html").as_uri())   # the try box says the same, with no console error
+    page.wait_for_load_state("load")
+    assert "python -m http.server" in page.inner_text("section.atlas-try .atlas-needs-server")
+    # (prompt.html's steer box, a module script, still logs that file:// blocked it: not the analyser's)
+    assert not [e for e in page.console_errors if "/analyser/" in e], page.console_errors
 
 
 # ---------------------------------------------------------------- a suite: every layer

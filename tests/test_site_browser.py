@@ -388,6 +388,9 @@ def test_file_url_pages_work(browser, tiny_site):
     page.goto((tiny_site / "prompt.html").as_uri())
     assert "python -m http.server" in page.inner_text(".atlas-needs-server")
     assert page.is_disabled(".atlas-prompt-form button")
+    page.goto(href)                       # a feature page's "Try your own text" says the same
+    page.wait_for_load_state("load")
+    assert "python -m http.server" in page.inner_text("section.atlas-try .atlas-needs-server")
 
 
 # ---------------------------------------------------------------- the prompt analyser, end to end
