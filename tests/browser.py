@@ -127,10 +127,15 @@ def open_browser():
 # ---------------------------------------------------------------- what the analyser should show
 
 
+WINDOW_CAP = 1024   # the most tokens the analyser runs the model on at once (site_src/js/analyser/model.js)
+
+
 def ort_reference(site: Path, text: str, sae_id: str = "") -> dict:
     """Python onnxruntime on the site's own web files, as the browser runs them (the trunk, then SAE
-    `sae_id`'s encoder, default the first): token ids (BOS first, truncated to the maximum),
-    top_ids/top_acts [seq, k] and n_active [seq] (None when the export has no such output)."""
+    `sae_id`'s encoder, default the first): the text's tokens cut into windows of
+    min(max_tokens, 1024) tokens, each BOS first, the rows joined (a later window's BOS row dropped).
+    Returns token ids (BOS first), top_ids/top_acts [seq, k], n_active [seq] (None when the export
+    has no such output) and the number of windows."""
     import json
 
     import numpy as np
@@ -139,18 +144,25 @@ def ort_reference(site: Path, text: str, sae_id: str = "") -> dict:
 
     meta = json.loads((site / "onnx/model.json").read_text())
     tok = Tokenizer.from_file(str(site / "onnx" / meta["tokenizer"]))
-    ids = tok.encode(text, add_special_tokens=False).ids
-    ids = ([meta["bos_token_id"]] + ids if meta["prepend_bos"] else ids)[: meta["max_tokens"]]
+    text_ids = tok.encode(text, add_special_tokens=False).ids
+    bos = [meta["bos_token_id"]] if meta["prepend_bos"] else []
+    body = min(meta["max_tokens"], WINDOW_CAP) - len(bos)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = 1, 3
     trunk, sae = meta["trunk"], next((s for s in meta["saes"] if s["id"] == sae_id), meta["saes"][0])
     session = lambda f: ort.InferenceSession(str(site / "onnx" / f), opts, providers=["CPUExecutionProvider"])  # noqa: E731
-    (resid,) = session(trunk["onnx"]).run([sae["input"]["from"]], {trunk["input"]["name"]: np.asarray([ids], np.int32)})
+    trunk_session, encoder = session(trunk["onnx"]), session(sae["onnx"])
     names = sae["outputs"]
     wanted = [names["ids"], names["acts"]] + ([names["n_active"]] if "n_active" in names else [])
-    out = session(sae["onnx"]).run(wanted, {sae["input"]["name"]: resid})
-    return {"ids": ids, "k": sae["top_k"], "top_ids": out[0][0], "top_acts": out[1][0],
-            "n_active": out[2][0] if len(out) > 2 else None}
+    parts = []
+    for w, s in enumerate(range(0, max(len(text_ids), 1), body)):
+        window = np.asarray([bos + text_ids[s:s + body]], np.int32)
+        (resid,) = trunk_session.run([sae["input"]["from"]], {trunk["input"]["name"]: window})
+        out = encoder.run(wanted, {sae["input"]["name"]: resid})
+        parts.append([o[0][len(bos) if w else 0:] for o in out])
+    joined = [np.concatenate(p) for p in zip(*parts)]
+    return {"ids": bos + text_ids, "k": sae["top_k"], "top_ids": joined[0], "top_acts": joined[1],
+            "n_active": joined[2] if len(joined) > 2 else None, "windows": len(parts)}
 
 
 def all_in_sight(ref: dict, t: int) -> bool:

@@ -112,7 +112,7 @@ def test_csp_on_every_page(built_site):
 def test_feature_page_content(built_site):
     page = (built_site / "features" / "0" / "index.html").read_text(encoding="utf-8")
     assert "class=atlas-try data-feature-id=0 data-root=../.." in page
-    assert "<script type=module src=../../js/analyser/try.js></script>" in page
+    assert "<script src=../../js/analyser/boot.js data-module=try.js defer></script>" in page
     assert "<script src=../../js/feature.js defer></script>" in page        # draws examples, histogram, logits
     assert "<div id=atlas-feature data-id=0 data-group=0>" in page
     assert "href=../1/index.html" in page

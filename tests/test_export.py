@@ -64,6 +64,7 @@ def test_files_and_metadata(exported):
     for f in meta["files"] + ["trunk.onnx", "parity.json", "model.json"] + [f"encoder-{i}.onnx" for i, _, _ in SUITE]:
         assert (exported / f).is_file(), f
     assert meta["format"] == 2 and meta["max_tokens"] == 128 and meta["prepend_bos"] is True
+    assert meta["ctx_len"] == RunConfig().corpus.ctx_len    # tiny_cfg keeps the default training context length
     trunk = meta["trunk"]
     assert trunk["onnx"] == "trunk.web.onnx" and trunk["files"] == ["trunk.web.onnx", *trunk["external_data"], "tokenizer.json"]
     assert trunk["outputs"] == {"1": "resid_1", "2": "resid_2", "3": "resid_3"}  # one per hook layer, not per SAE

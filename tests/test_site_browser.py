@@ -394,6 +394,9 @@ def test_file_url_pages_work(browser, tiny_site):
     page.goto((tiny_site / "prompt.html").as_uri())
     assert "python -m http.server" in page.inner_text(".atlas-needs-server")
     assert page.is_disabled(".atlas-prompt-form button")
+    page.goto(href)                       # a feature page's "Try your own text" says the same
+    page.wait_for_load_state("load")
+    assert "python -m http.server" in page.inner_text("section.atlas-try .atlas-needs-server")
 
 
 # ---------------------------------------------------------------- the prompt analyser, end to end
@@ -418,7 +421,7 @@ def test_prompt_page_end_to_end(browser, server, site_url, tiny_site, shots):
     assert len(spans) == len(ids)
     # each token's strongest feature (hover shows the token's features, strongest first)
     for t in range(1, len(ids)):
-        spans[t].dispatch_event("mouseenter")
+        spans[t].dispatch_event("mouseover")
         assert page.get_attribute(".atlas-token-features", "data-index") == str(t)
         items = page.query_selector_all(".atlas-token-features li")
         got = [(int(li.get_attribute("data-feature-id")), float(li.get_attribute("data-act"))) for li in items]

@@ -102,7 +102,7 @@ def test_feature_pages_link_their_neighbours_across_the_suite(suite_site):
             for other in members(cfg):
                 assert (page.parent / f"../../../{other.id}/index.html").resolve().is_file()
                 assert f"../../../{other.id}/index.html" in hrefs
-            assert f"data-sae={m.id}" in text and "src=../../../js/analyser/try.js" in text
+            assert f"data-sae={m.id}" in text and "src=../../../js/analyser/boot.js data-module=try.js" in text
             assert (page.parent / "../../../js/analyser/try.js").resolve().is_file()
     # a width family: some page of the narrower SAE lists children, every page of the wider its parent
     narrow, wide = f"L{LAYERS[0]}-{WIDTHS[0]}", f"L{LAYERS[0]}-{WIDTHS[1]}"

@@ -198,6 +198,7 @@ def export_dir(out: Path, loaded, saes: list[SaeToExport], cfg, fp: str, context
         "revision": loaded.revision,
         "d_model": loaded.d_model,
         "max_tokens": max_len,
+        "ctx_len": cfg.corpus.ctx_len,      # the SAEs' training contexts (the analyser notes longer prompts)
         "bos_token_id": loaded.bos_token_id,
         "prepend_bos": True,
         "quantization": mode,

@@ -2,12 +2,12 @@
 // (by layer, then width), one column per token, each cell the token's strongest features in that
 // SAE, linked to their pages. The table is drawn from layerGrid (results.js); every token and
 // label goes in as text.
-import { saePages } from "./model.js";
+import { saePages } from "./client.js";
 import { layerGrid } from "./results.js";
 import { el, featureHref, loadLabels } from "./ui.js";
 
-/** Draw `results` (analyseAll) into `container`, `n` features per cell. */
-export async function renderLayers(container, model, results, n = 3) {
+/** Draw `results` (one per SAE of `saes`, model.json's) into `container`, `n` features per cell. */
+export async function renderLayers(container, saes, results, n = 3) {
   const grid = layerGrid(results, n);
   const texts = results[0]?.texts ?? [];
   const start = results[0]?.bos && texts.length > 1 ? 1 : 0; // BOS is the same for every prompt
@@ -19,7 +19,7 @@ export async function renderLayers(container, model, results, n = 3) {
     }));
   const rows = [];
   for (const { sae, cells } of grid) {
-    const pages = saePages(model, sae);
+    const pages = saePages(saes, sae);
     const labels = await loadLabels(pages);
     const max = Math.max(1e-9, ...cells.slice(start).map((c) => c[0]?.act ?? 0));
     const row = el("tr", { class: "atlas-layer-row" },

@@ -1,14 +1,15 @@
-// Loading the exported model in the browser: model.json, then the trunk (the model's blocks up
+// Loading the exported model and running it, inside the analyser's Web Worker (worker.js), so the
+// page never waits on the tokenizer or the model: model.json, then the trunk (the model's blocks up
 // to the deepest hook, one residual output per hook layer) and tokenizer.json from <site>/onnx/,
 // and each SAE's small encoder file when it is first needed; every file is downloaded once with
-// progress and kept in the Cache API so later visits (and offline use) need no network. A
-// single-SAE atlas has the same layout: a trunk and one encoder. Runtime libraries are the site's own
-// copies under assets/vendor/ (from npm at build time), resolved relative to this module, so
-// the site works at any sub-path.
+// progress and kept in the Cache API (which workers share with their page) so later visits (and
+// offline use) need no network. A single-SAE atlas has the same layout: a trunk and one encoder.
+// Runtime libraries are the site's own copies under assets/vendor/ (from npm at build time),
+// resolved relative to this module, so the site works at any sub-path.
 import * as ort from "../../assets/vendor/onnxruntime-web/ort.wasm.min.mjs";
 import { Tokenizer } from "../../assets/vendor/tokenizers/tokenizers.min.mjs";
 
-export const SITE_ROOT = new URL("../../", import.meta.url);
+const SITE_ROOT = new URL("../../", import.meta.url);
 const MODEL_DIR = new URL("onnx/", SITE_ROOT); // atlas build copies runs/X/onnx/ here
 // Cache API storage is per origin, and GitHub Pages puts every project site of a user on one
 // origin (user.github.io/a/, user.github.io/b/): a cache is named by this site's own path plus the
@@ -18,16 +19,16 @@ const CACHE_PREFIX = "feature-atlas-model:";
 const CACHE_SITE = `${CACHE_PREFIX}${encodeURIComponent(SITE_ROOT.pathname)}:`;
 const LEGACY_PREFIX = "feature-atlas-model-"; // before caches were named by site: "feature-atlas-model-<fingerprint>"
 
-/** Why analysis cannot run here, or null. */
-export function unsupportedReason() {
-  if (location.protocol === "file:") {
-    return "Prompt analysis needs the site to be served over http: browsers block loading the model " +
-      "from file://. From the site folder run `python -m http.server 8000`, then open " +
-      "http://localhost:8000/ in your browser.";
-  }
-  if (typeof WebAssembly !== "object") return "Prompt analysis needs WebAssembly, which this browser does not offer.";
-  return null;
-}
+// One run of the model sees at most WINDOW_CAP tokens: attention's memory grows with the square of
+// the length, and a whole 8,192-token context does not fit in wasm's memory (std::bad_alloc).
+export const WINDOW_CAP = 1024;
+// Longer prompts are refused with a message: they would take minutes (the windows run one by one).
+export const MAX_PROMPT_TOKENS = 8192;
+// The tokenizer is asked about at most this many characters (a pasted book is refused before it).
+const MAX_PROMPT_CHARS = 32 * MAX_PROMPT_TOKENS;
+
+/** A prompt the analyser will not run, with the line the page shows. */
+export class PromptTooLong extends Error {}
 
 /** This site's cache for the model with `fingerprint`, after deleting this site's older ones. */
 async function openCache(fingerprint) {
@@ -162,15 +163,6 @@ export function loadEncoder(model, id, onProgress = () => {}) {
   return model.encoders.get(sae.id);
 }
 
-/** Token ids as the store makes contexts: BOS first, then the text's tokens, truncated. */
-export function tokenize(model, text) {
-  const { meta, tokenizer } = model;
-  const ids = tokenizer.encode(text, { add_special_tokens: false }).ids.map(Number);
-  const all = meta.prepend_bos ? [meta.bos_token_id, ...ids] : ids;
-  const truncated = all.length > meta.max_tokens;
-  return { ids: truncated ? all.slice(0, meta.max_tokens) : all, truncated, nTokens: all.length };
-}
-
 /**
  * Display text of each token with the spacing it has in running text, as the feature pages show
  * it (atlas/analyze.py vocab_texts): each token is decoded after a probe token whose text is then
@@ -186,61 +178,94 @@ export function tokenTexts(model, ids) {
   });
 }
 
-/**
- * The trunk on `text`: { ...tokenize(), texts, bos, residuals } where residuals maps each trunk
- * output name ("resid_<layer>") to its tensor [1, seq, d_model]. Run once per prompt, whatever
- * number of SAEs then read it.
- */
-export async function runTrunk(model, text) {
-  const tok = tokenize(model, text);
-  const { trunk } = model.meta;
-  const input = new ort.Tensor("int32", Int32Array.from(tok.ids), [1, tok.ids.length]);
-  const residuals = await model.trunk.run({ [trunk.input.name]: input });
-  return { ...tok, bos: Boolean(model.meta.prepend_bos), texts: tokenTexts(model, tok.ids), residuals };
+/** The prompt's token ids, without BOS; PromptTooLong above MAX_PROMPT_TOKENS. */
+export function tokenize(model, text) {
+  if (text.length > MAX_PROMPT_CHARS) {
+    throw new PromptTooLong(`The prompt has ${text.length.toLocaleString("en")} characters; the analyser takes at ` +
+      `most ${MAX_PROMPT_TOKENS.toLocaleString("en")} tokens. Shorten it and analyse again.`);
+  }
+  const ids = model.tokenizer.encode(text, { add_special_tokens: false }).ids.map(Number);
+  if (ids.length > MAX_PROMPT_TOKENS) {
+    throw new PromptTooLong(`The prompt has ${ids.length.toLocaleString("en")} tokens; the analyser takes at most ` +
+      `${MAX_PROMPT_TOKENS.toLocaleString("en")}. Shorten it and analyse again.`);
+  }
+  return ids;
 }
 
 /**
- * SAE `id`'s encoder on the trunk's output `run` (from runTrunk). Returns { ids, texts,
- * truncated, nTokens, bos, sae, k, topIds, topActs, nActive } where sae is the SAE's model.json
- * entry, topIds/topActs are flat [seq * k] arrays (token t, rank r at t * k + r), strongest
- * first, and nActive[t] is the number of features that fire on token t over the whole SAE (the
- * export's `n_active` output). The browser sees only the k strongest (`export.top_k`): where
- * nActive[t] > k, a feature missing from the top k may still fire there.
+ * How a prompt of `n` text tokens is cut: windows of at most `window` tokens (the model's context
+ * length, capped at WINDOW_CAP), each starting with BOS when the export says so, as the SAEs'
+ * training contexts were built (atlas/corpus.py: BOS, then the next ctx_len - 1 tokens of the
+ * stream). Returns [[start, end), ...] over the text tokens.
+ */
+export function windowsOf(n, meta) {
+  const body = windowLength(meta) - (meta.prepend_bos ? 1 : 0);
+  const out = [];
+  for (let s = 0; s < n; s += body) out.push([s, Math.min(n, s + body)]);
+  return out.length ? out : [[0, 0]];
+}
+
+function windowLength(meta) {
+  return Math.min(meta.max_tokens, WINDOW_CAP);
+}
+
+/**
+ * The trunk on `text`, window by window (onWindow(i, n) before each): { ids, texts, nTokens, bos,
+ * window, windows, ctxLen, parts } where ids is the whole prompt (BOS first when prepended, then
+ * every text token) and parts holds each window's trunk outputs ({ residuals, skip }: residuals maps
+ * each output name ("resid_<layer>") to its tensor [1, seq, d_model]; skip is 1 for a later window's
+ * BOS row, which is not a token of the prompt). Run once per prompt, whatever number of SAEs then
+ * read it; each window's tokens see only the text of their own window.
+ */
+export async function runTrunk(model, text, onWindow = () => {}) {
+  const { meta } = model;
+  const textIds = tokenize(model, text);
+  const bos = Boolean(meta.prepend_bos);
+  const cuts = windowsOf(textIds.length, meta);
+  const parts = [];
+  for (const [i, [s, e]] of cuts.entries()) {
+    onWindow(i, cuts.length);
+    const ids = bos ? [meta.bos_token_id, ...textIds.slice(s, e)] : textIds.slice(s, e);
+    if (!ids.length) break;
+    const input = new ort.Tensor("int32", Int32Array.from(ids), [1, ids.length]);
+    parts.push({ residuals: await model.trunk.run({ [meta.trunk.input.name]: input }), skip: bos && i > 0 ? 1 : 0 });
+  }
+  const ids = bos ? [meta.bos_token_id, ...textIds] : textIds;
+  return {
+    ids, texts: tokenTexts(model, ids), nTokens: ids.length, bos,
+    window: windowLength(meta), windows: cuts.length, ctxLen: meta.ctx_len ?? null, parts,
+  };
+}
+
+/**
+ * SAE `id`'s encoder on the trunk's output `run` (from runTrunk), window by window, the rows joined
+ * into one sequence. Returns { ids, texts, nTokens, bos, window, windows, ctxLen, sae, k, topIds,
+ * topActs, nActive } where sae is the SAE's model.json entry, topIds/topActs are flat [seq * k]
+ * arrays (token t, rank r at t * k + r), strongest first, and nActive[t] is the number of features
+ * that fire on token t over the whole SAE (the export's `n_active` output; null for an export
+ * without it). The browser sees only the k strongest (`export.top_k`): where nActive[t] > k, a
+ * feature missing from the top k may still fire there.
  */
 export async function runEncoder(model, id, run, onProgress = () => {}) {
   const sae = saeMeta(model, id);
   const session = await loadEncoder(model, sae.id, onProgress);
-  const out = await session.run({ [sae.input.name]: run.residuals[sae.input.from] });
   const { outputs } = sae;
-  const nActive = outputs.n_active && out[outputs.n_active] ? Int32Array.from(out[outputs.n_active].data) : null;
-  const { residuals, ...tokens } = run;
-  return { ...tokens, sae, k: sae.top_k, topIds: out[outputs.ids].data, topActs: out[outputs.acts].data, nActive };
-}
-
-/** One SAE (`id`, default the first) on `text`: runEncoder's result. */
-export async function analyse(model, text, id = "", onProgress = () => {}) {
-  return runEncoder(model, id, await runTrunk(model, text), onProgress);
-}
-
-/**
- * Every SAE of the atlas on `text`, the trunk run once: an array of runEncoder results in
- * model.json's order (by layer, then width). Encoders not yet loaded are fetched one after
- * another; onSae(result, index) is called as each is ready.
- */
-export async function analyseAll(model, text, onProgress = () => {}, onSae = () => {}) {
-  const run = await runTrunk(model, text);
-  const results = [];
-  for (const sae of model.meta.saes) {
-    results.push(await runEncoder(model, sae.id, run, onProgress));
-    onSae(results.at(-1), results.length - 1);
+  const k = sae.top_k;
+  const seq = run.ids.length;
+  const topIds = new Int32Array(seq * k);
+  const topActs = new Float32Array(seq * k);
+  let nActive = outputs.n_active ? new Int32Array(seq) : null;
+  let row = 0; // next row of the joined result
+  for (const { residuals, skip } of run.parts) {
+    const out = await session.run({ [sae.input.name]: residuals[sae.input.from] });
+    topIds.set(out[outputs.ids].data.subarray(skip * k), row * k);
+    topActs.set(out[outputs.acts].data.subarray(skip * k), row * k);
+    const active = nActive && out[outputs.n_active];
+    if (active) nActive.set(Int32Array.from(active.data).subarray(skip), row);
+    else nActive = null;
+    row += out[outputs.acts].dims[1] - skip;
+    for (const t of Object.values(out)) t.dispose?.();
   }
-  return results;
-}
-
-/**
- * The site folder holding SAE `sae`'s pages (features/N/, data/): the site root for a single-SAE
- * atlas, `<id>/` (e.g. "L8/") for each SAE of a suite.
- */
-export function saePages(model, sae) {
-  return model.meta.saes.length > 1 ? `${sae.id}/` : "";
+  const { parts, ...tokens } = run;
+  return { ...tokens, sae, k, topIds, topActs, nActive };
 }

@@ -7,10 +7,11 @@
 //   font-src 'self'; object-src 'none'; base-uri 'self'
 // ('unsafe-inline' in style-src is for the theme; this code sets colours through the CSSOM,
 // which style-src does not restrict.)
+// The model runs in a Web Worker (client.js, worker.js): the page stays responsive while it works.
+import { Refused, analyse, encode, saePages, unsupportedReason } from "./client.js";
 import { renderLayers } from "./layers.js";
-import { loadModel, runEncoder, runTrunk, saePages, unsupportedReason } from "./model.js";
 import { featureActs, featureUnseen, promptCoverage, promptFeatures, tokenCoverage, tokenFeatures } from "./results.js";
-import { el, featureItem, loadLabels, progressReporter, renderTokens } from "./ui.js";
+import { el, featureItem, lengthNotes, loadLabels, progressReporter, renderTokens } from "./ui.js";
 
 const root = document.querySelector("section.atlas-prompt");
 if (root) mount(root);
@@ -34,8 +35,8 @@ function mount(root) {
   const saeChoice = $(".atlas-sae-choice");
   const saeSelect = $(".atlas-sae-select");
   let result = null;
-  let model = null;
-  let run = null; // the last prompt's trunk output: switching SAE runs only its encoder
+  let saes = [];     // model.json's SAEs, known after the first analysis
+  let latest = 0;    // the latest analysis; an earlier one that ends later is dropped
   let pages = "";
   let selected = null;
   let labels = new Map();
@@ -56,32 +57,41 @@ function mount(root) {
     event.preventDefault();
     const text = input.value;
     if (!text.trim()) return; // empty input does nothing
+    const mine = ++latest;
     root.dataset.state = "running";
     notice.hidden = true;
+    layersBlock.hidden = true;
     try {
       const progress = progressReporter(bar, status);
-      model = await loadModel(progress);
+      // the trunk once, with the chosen SAE's encoder: every other SAE reads the trunk's output kept in the worker
+      const first = await analyse(text, saeSelect.value, progress);
+      if (mine !== latest) return;
+      saes = first.saes;
       offerSaes();
-      const t0 = performance.now();
-      run = await runTrunk(model, text); // once: every SAE reads its layer's residual from it
-      await showSae(saeSelect.value, progress);
-      const ms = performance.now() - t0;
-      status.textContent = `${result.ids.length} tokens analysed in ${ms.toFixed(0)} ms.`;
-      if (result.truncated) {
-        notice.textContent = `The prompt has ${result.nTokens} tokens; only the first ${result.ids.length} ` +
-          `(the model's maximum, including the start token) were analysed.`;
-        notice.hidden = false;
-      }
-      if (model.meta.saes.length > 1) {
+      await showSae(first);
+      status.textContent = `${result.ids.length} tokens analysed in ${first.ms.toFixed(0)} ms.`;
+      const notes = lengthNotes(result);
+      notice.textContent = notes;
+      notice.hidden = !notes;
+      if (saes.length > 1) {
         const all = [];
-        for (const sae of model.meta.saes) all.push(await runEncoder(model, sae.id, run, progress));
+        for (const sae of saes) all.push(sae.id === first.sae.id ? first : await encode(first.run, sae.id, progress));
+        if (mine !== latest) return;
         bar.hidden = true;
-        await renderLayers(layers, model, all);
+        await renderLayers(layers, saes, all);
         layersBlock.hidden = false;
       }
       root.dataset.state = "done";
     } catch (err) {
+      if (mine !== latest) return;
       bar.hidden = true;
+      if (err instanceof Refused) {
+        status.textContent = "";
+        notice.textContent = err.message;
+        notice.hidden = false;
+        root.dataset.state = "refused";
+        return;
+      }
       status.textContent = `Analysis failed: ${err.message || err}`;
       root.dataset.state = "error";
       console.warn(err);
@@ -90,30 +100,63 @@ function mount(root) {
 
   featureInput.addEventListener("input", () => result && showHeatmap());
   saeSelect.addEventListener("change", async () => {
-    if (!run) return;
-    featureInput.value = "";
-    await showSae(saeSelect.value, progressReporter(bar, status));
+    if (!result) return;
+    const mine = latest;
+    try {
+      const next = await encode(result.run, saeSelect.value, progressReporter(bar, status));
+      if (mine === latest) await showSae(next);
+    } catch (err) {
+      bar.hidden = true;
+      status.textContent = `Analysis failed: ${err.message || err}`;
+      console.warn(err);
+    }
   });
+  // one set of listeners for all tokens (a long prompt has thousands)
+  const tokenAt = (event) => event.target.closest?.(".atlas-token");
+  tokens.addEventListener("mouseover", (event) => { const s = tokenAt(event); if (s) showToken(Number(s.dataset.index)); });
+  tokens.addEventListener("focusin", (event) => { const s = tokenAt(event); if (s) showToken(Number(s.dataset.index)); });
+  tokens.addEventListener("mouseleave", () => selected !== null && showToken(selected));
+  tokens.addEventListener("click", (event) => {
+    const span = tokenAt(event);
+    if (!span) return;
+    selected = Number(span.dataset.index);
+    tokens.querySelector(".atlas-selected")?.classList.remove("atlas-selected");
+    span.classList.add("atlas-selected");
+    showToken(selected);
+  });
+
+  // prompt.html#text=...: fill in and analyse (on load, and when only the hash changes)
+  const fromHash = () => {
+    const m = /^#text=(.*)$/s.exec(location.hash);
+    if (!m) return;
+    let text;
+    try { text = decodeURIComponent(m[1]); } catch { return; }
+    input.value = text;
+    form.requestSubmit();
+  };
+  window.addEventListener("hashchange", fromHash);
+  fromHash();
 
   /** For a suite: the SAEs to choose from for the lists and colours (once per page). */
   function offerSaes() {
-    if (model.meta.saes.length < 2 || saeSelect.options.length) return;
-    for (const sae of model.meta.saes) {
+    if (saes.length < 2 || saeSelect.options.length) return;
+    for (const sae of saes) {
       saeSelect.append(el("option", { value: sae.id, text: `${sae.id} · layer ${sae.layer} · ${sae.d_sae.toLocaleString("en")} features` }));
     }
     saeChoice.hidden = false;
   }
 
-  /** The lists and colours for SAE `id` ("" for the first) on the last prompt. */
-  async function showSae(id, progress) {
-    result = await runEncoder(model, id, run, progress);
+  /** The lists and colours for one SAE's result (`next`), coloured by its own strongest feature. */
+  async function showSae(next) {
+    result = next;
     bar.hidden = true;
-    pages = saePages(model, result.sae);
+    pages = saePages(saes, result.sae);
     labels = await loadLabels(pages);
     coverage.textContent = coverageLine(result);
     showStrongest();
+    // a new prompt or SAE is coloured by its own strongest feature, never the last one's
     const top = promptFeatures(result, 1)[0];
-    if (!featureInput.value && top) featureInput.value = String(top.id);
+    featureInput.value = top ? String(top.id) : "";
     selected = null;
     showHeatmap();
   }
@@ -136,14 +179,9 @@ function mount(root) {
     const feature = Number.parseInt(featureInput.value, 10);
     const acts = Number.isFinite(feature) ? featureActs(result, feature) : new Float32Array(result.ids.length);
     const unseen = Number.isFinite(feature) ? featureUnseen(result, feature) : null;
-    const spans = renderTokens(tokens, result.texts, acts, { skipFirst: result.bos, unseen });
+    renderTokens(tokens, result.texts, acts, { skipFirst: result.bos, unseen });
     tokens.dataset.feature = Number.isFinite(feature) ? String(feature) : "";
-    spans.forEach((span, t) => {
-      span.addEventListener("mouseenter", () => showToken(t));
-      span.addEventListener("focus", () => showToken(t));
-      span.addEventListener("mouseleave", () => selected !== null && showToken(selected));
-      span.addEventListener("click", () => { selected = t; spans.forEach((s) => s.classList.toggle("atlas-selected", s === span)); showToken(t); });
-    });
+    if (selected !== null) tokens.querySelector(`[data-index="${selected}"]`)?.classList.add("atlas-selected");
     showToken(selected ?? (promptFeatures(result, 1)[0]?.token ?? 0));
   }
 

@@ -138,7 +138,7 @@ export function verdict(feature, result, acts, unseen) {
 }
 
 /**
- * The cross-layer view of one prompt: for each SAE's result (analyseAll), each token's `n`
+ * The cross-layer view of one prompt: for each SAE's result (client.js encode), each token's `n`
  * strongest features, [{ id, act }] strongest first — rows are SAEs (by layer, then width),
  * columns tokens.
  */

@@ -2,10 +2,10 @@
 //   <section class="atlas-try" data-feature-id="N" data-root="../../" [data-sae="L8"]>
 // (data-sae: the SAE of a suite the page belongs to; without it, the atlas's first SAE)
 // and colours the tokens of the visitor's text by feature N, with the same model as the prompt
-// page (downloaded once, cached). CSP: see prompt.js.
-import { analyse, loadModel, unsupportedReason } from "./model.js";
+// page (downloaded once, cached), in the same kind of Web Worker. CSP: see prompt.js.
+import { Refused, analyse, unsupportedReason } from "./client.js";
 import { featureActs, featureUnseen, verdict } from "./results.js";
-import { el, progressReporter, renderTokens } from "./ui.js";
+import { el, lengthNotes, progressReporter, renderTokens } from "./ui.js";
 
 for (const section of document.querySelectorAll("section.atlas-try[data-feature-id]")) mount(section);
 
@@ -31,26 +31,35 @@ function mount(section) {
     section.dataset.state = "unsupported";
     return;
   }
+  let latest = 0; // the latest analysis; an earlier one that ends later is dropped
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     if (!input.value.trim()) return;
+    const mine = ++latest;
     section.dataset.state = "running";
     notice.hidden = true;
     try {
-      const model = await loadModel(progressReporter(bar, status));
+      const result = await analyse(input.value, section.dataset.sae || "", progressReporter(bar, status));
+      if (mine !== latest) return;
       bar.hidden = true;
-      const result = await analyse(model, input.value, section.dataset.sae || "");
       const acts = featureActs(result, feature);
       const unseen = featureUnseen(result, feature);
       renderTokens(tokens, result.texts, acts, { skipFirst: result.bos, unseen });
       status.textContent = verdict(feature, result, acts, unseen);
-      if (result.truncated) {
-        notice.textContent = `Only the first ${result.ids.length} of ${result.nTokens} tokens were analysed (the model's maximum).`;
-        notice.hidden = false;
-      }
+      const notes = lengthNotes(result);
+      notice.textContent = notes;
+      notice.hidden = !notes;
       section.dataset.state = "done";
     } catch (err) {
+      if (mine !== latest) return;
       bar.hidden = true;
+      if (err instanceof Refused) {
+        status.textContent = "";
+        notice.textContent = err.message;
+        notice.hidden = false;
+        section.dataset.state = "refused";
+        return;
+      }
       status.textContent = `Analysis failed: ${err.message || err}`;
       section.dataset.state = "error";
       console.warn(err);
