@@ -19,16 +19,10 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
-from browser import check_heatmap, close, ort_reference, serve
+from browser import CSP, PAGE, PREFIX, check_heatmap, close, ort_reference, serve
 from support import export_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
-CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; worker-src 'self'; "
-       "img-src 'self' data:; style-src 'self' 'unsafe-inline'; font-src 'self'; object-src 'none'; base-uri 'self'")
-PAGE = """<!doctype html><html><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{csp}"><title>{title}</title></head>
-<body>{body}</body></html>"""
-PREFIX = "/atlas/"    # a project site's path, as on GitHub Pages
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(not (ROOT / "node_modules/onnxruntime-web").exists(),
                                                        reason="node_modules missing (npm ci)")]

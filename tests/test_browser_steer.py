@@ -17,8 +17,7 @@ from atlas.config import RunConfig, SAEConfig
 from atlas.export import parity_contexts, steering
 from atlas.model import load_model
 from atlas.saes import build_sae
-from browser import serve
-from test_browser_analyser import CSP, PAGE, PREFIX
+from browser import CSP, PAGE, PREFIX, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 FEATURE, MAX_ACT, STRENGTH = 5, 2.5, 6.0
