@@ -56,7 +56,7 @@ def neighbours(w_dec: torch.Tensor, n: int, block: int = 1024) -> tuple[torch.Te
     return torch.cat(ids), torch.cat(cos)
 
 
-def label_features(a, s: StreamResult, ex_feat, ex_top, ex_row, flat_tokens, L: int, w: Windows, win_tokens, vocab,
+def label_features(a, s: StreamResult, ex_feat, ex_row, flat_tokens, L: int, w: Windows, win_tokens, vocab,
                    is_dead, density, top_ids, labelling: "label_data.LabelData | None",
                    chunk: int = 1024) -> label_scores.Labelled:
     """Labels from the explainer, asked in chunks of features so the evidence stays small, each
@@ -65,8 +65,7 @@ def label_features(a, s: StreamResult, ex_feat, ex_top, ex_row, flat_tokens, L: 
     explainer = get_explainer(a.explainer, a, labelling.cache_dir if labelling else None)
     d_sae = s.top_pos.shape[0]
     ex_start = torch.searchsorted(ex_feat, torch.arange(d_sae + 1)).numpy()
-    # a feature's top examples come first among its rows (`ex_top`: after duplicates were dropped)
-    n_top = torch.bincount(ex_feat[ex_top], minlength=d_sae).numpy()
+    n_top = (s.top_pos >= 0).sum(1).numpy()  # a feature's top examples come first among its rows
     rows, tokens = ex_row.numpy(), flat_tokens.numpy()
     offsets, acts, wt = w.offsets.numpy(), w.acts.numpy(), win_tokens.numpy()
     seen = ~labelling.hidden(rows) if labelling else np.ones(len(rows), bool)

@@ -84,12 +84,11 @@ def write_features(out: Path, s: StreamResult, w_dec: torch.Tensor, w_u, vocab: 
     w = s.windows
     win_tokens = flat_tokens[window_rows(w.start_row, w.offsets)]
 
-    # duplicates go before labelling, so a label's evidence is the examples the pages show
+    labelled = label_features(a, s, ex_feat, ex_row, flat_tokens, L, w, win_tokens, vocab, is_dead, density, top_ids,
+                       labelling)
     shown = drop_duplicates(Examples(ex_feat, ex_row, ex_val, ex_top, ex_int, ex_rank, w, win_tokens), L)
     ex_feat, ex_row, ex_val, ex_top, ex_int, ex_rank = shown.feat, shown.row, shown.val, shown.top, shown.interval, shown.rank
     w, win_tokens = shown.windows, shown.win_tokens
-    labelled = label_features(a, s, ex_feat, ex_top, ex_row, flat_tokens, L, w, win_tokens, vocab, is_dead, density,
-                              top_ids, labelling)
     dominated = dominated_by(shown, flat_tokens, L, d_sae, set(special_ids) | {int(flat_tokens[0])})
 
     ex_bounds = torch.searchsorted(ex_feat, torch.arange(0, d_sae + a.shard_size, a.shard_size).clamp_max(d_sae))
