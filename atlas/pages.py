@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import signal
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -394,11 +395,22 @@ def random_neighbour(fid: int, n: int) -> int:
 OPTIONAL_COLUMNS = ("group", "dominated_by")
 """Feature columns that analysis may add (Matryoshka level; special-token/position features): shown when present."""
 _STATE: dict = {}
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def _init(skeleton: Skeleton, facts: SiteFacts, site: str):
+def _load(skeleton: Skeleton, facts: SiteFacts, site: str):
     env = jinja_env()
     _STATE.update(skeleton=skeleton, facts=facts, site=Path(site), template=env.get_template("feature.html"))
+
+
+def _init_worker(skeleton: Skeleton, facts: SiteFacts, site: str):
+    # a forked worker inherits the command's SIGTERM handler (raise Terminated); the parent handles Ctrl-C and
+    # SIGTERM and ends the pool, so a worker just goes quietly, never with a traceback of its own. The signals
+    # were blocked across the fork (see render_all) and are let through only once the worker's own handlers are set
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    _load(skeleton, facts, site)
 
 
 def read_features(path: Path) -> pa.Table:
@@ -480,12 +492,21 @@ def render_all(features_dir: Path, site: Path, skeleton: Skeleton, facts: SiteFa
     (site / "features").mkdir(parents=True, exist_ok=True)
     workers = workers or min(len(paths), os.cpu_count() or 1)
     if workers <= 1:
-        _init(skeleton, facts, str(site))
+        _load(skeleton, facts, str(site))
         for p in paths:
             yield render_shard(p)
             progress and progress()
         return
-    with get_context("fork").Pool(workers, _init, (skeleton, facts, str(site))) as pool:
+    # a SIGTERM that lands mid-fork runs the handler inside the fork hooks, which swallow its exception, and the
+    # build would go on; blocked here, it waits and is raised in this thread as soon as the pool stands
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        pool = get_context("fork").Pool(workers, _init_worker, (skeleton, facts, str(site)))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    with pool:
         for result in pool.imap_unordered(render_shard, paths):
             yield result
             progress and progress()
+        pool.close()  # let idle workers exit by themselves: leaving the block terminates (SIGTERMs) them
+        pool.join()
