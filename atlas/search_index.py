@@ -2,7 +2,8 @@
 
 - `data/features.js`: every feature as columnar arrays (label, its score, density, max
   activation, map coordinates, flags, top token; `group`, the Matryoshka nesting level, when the
-  SAE has one, else null) for the explorer, the map and label search;
+  SAE has one, else null) for the explorer, the map and label search, and the map's named regions
+  (atlas/map_regions.py);
 - `data/tokens/NN.js`: which features fire hardest on a token, sharded by FNV-1a of the token
   text (site_src/js/atlas-data.js computes the same hash), built from every token each feature
   fires on in its shown examples (top and sampled windows), at most MAX_FEATURES_PER_TOKEN a token;
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from atlas import shards
+from atlas.map_regions import name_regions
 
 TOKEN_SHARD_TARGET = 4000        # tokens per shard, roughly
 MAX_FEATURES_PER_TOKEN = 100
@@ -146,6 +148,8 @@ def write_features(data_dir: Path, table: FeatureTable, top_token: np.ndarray, v
         "f1": _score(dense(table.label_f1, np.nan)),
         "top_token": tokens,
         "group": dense(table.group, -1).tolist() if (table.group >= 0).any() else None,
+        "regions": [[r.name, *_round(np.array([r.x, r.y]), 4), r.n]
+                    for r in name_regions(table.map_x, table.map_y, table.labels, ~table.is_dead)],
     })
 
 

@@ -362,6 +362,63 @@ def test_map_hover_and_click(browser, server, site_url, shots):
     _clean(page, server, site_url)
 
 
+def _features_js(site: Path) -> dict:
+    text = (site / "data/features.js").read_text(encoding="utf-8")
+    return json.loads(text[text.index(",") + 1: text.rindex(")")])
+
+
+def test_map_legend_regions_locate_enter_and_back(browser, hostile_server, built_site, shots):  # noqa: F811
+    """The map's legend, its region names (those features.js holds, hostile text shown as text), finding a
+    feature by a label word and by its number, Enter on the map opening the located feature, and Back
+    (or the address alone) bringing the same view back."""
+    data = _features_js(built_site)
+    base = hostile_server.url(HOSTILE)
+    page = _visit(browser, base + "map.html")
+    page.wait_for_function("() => document.getElementById('atlas-map-status').textContent.includes('live')")
+    assert page.locator("#atlas-map-ticks span").all_inner_texts() == ["≤0.0001%", "0.01%", "1%", "≥10%"]
+    assert data["regions"], "the synthetic run's map has named regions"
+    names = page.locator("#atlas-map-regions button").all_text_contents()
+    assert names == [r[0] for r in data["regions"]]
+    assert page.locator("#atlas-map-regions button:not([hidden])").count() >= 1
+
+    live = [i for i in range(data["n"]) if not data["flags"][i] & 1 and (not data["present"] or data["present"][i])]
+    word = "happy"
+    with_word = [i for i in live if word in data["label"][i].lower()]
+    assert with_word
+    page.fill("#atlas-map-q", word)
+    page.press("#atlas-map-q", "Enter")
+    page.wait_for_function("() => location.search.includes('f=')")
+    matches = [int(b) for b in page.eval_on_selector_all("#atlas-map-matches button", "bs => bs.map(b => b.dataset.feature)")]
+    assert matches and set(matches) <= set(with_word) and len(matches) == min(8, len(with_word))
+    located = matches[0]
+    assert page.locator("#atlas-map-tip").inner_text().startswith(f"#{located} ")
+    page.screenshot(path=str(shots / "map-located.png"))
+
+    target = live[-1]
+    page.fill("#atlas-map-q", f"#{target}")
+    page.press("#atlas-map-q", "Enter")
+    page.wait_for_function(f"() => new URLSearchParams(location.search).get('f') === '{target}'")
+    assert page.locator("#atlas-map-tip").inner_text().startswith(f"#{target} ")
+    url = page.url
+    page.focus("#atlas-map-canvas")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/features/{target}/index.html")
+    page.go_back()
+    page.wait_for_function("() => document.getElementById('atlas-map-status').textContent.includes('live')")
+    assert page.url == url
+    assert page.input_value("#atlas-map-q") == f"#{target}"
+    page.wait_for_function(f"() => document.getElementById('atlas-map-tip').textContent.startsWith('#{target} ')")
+    fresh = _visit(browser, url)                             # shared as a link
+    fresh.wait_for_function(f"() => document.getElementById('atlas-map-tip').textContent.startsWith('#{target} ')")
+
+    dead = next((i for i in range(data["n"]) if data["flags"][i] & 1), None)
+    if dead is not None:                                     # a dead feature has no point: said, and its page linked
+        page.fill("#atlas-map-q", str(dead))
+        page.press("#atlas-map-q", "Enter")
+        page.wait_for_function("() => document.getElementById('atlas-map-found').textContent.includes('not on the map')")
+    _clean(page, hostile_server, base)
+
+
 def test_search_by_label_and_token(browser, server, site_url, shots):
     page = _visit(browser, site_url + "search.html")
     page.fill("#atlas-q", "after")
