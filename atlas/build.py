@@ -185,9 +185,11 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
     t0 = time.perf_counter()
     table = search_index.read_feature_table(features_dir)
     vocab = shards.read_vocab(features_dir)
+    steering = onnx_dir is not None and (onnx_dir / "steering.json").exists()   # only a single SAE's export has it
     with tempfile.TemporaryDirectory(prefix="atlas-docs-") as docs:
         docs = Path(docs)
-        write_docs(docs, cfg, manifest, table, _read_metrics(metrics_path), in_suite=suite is not None)
+        write_docs(docs, cfg, manifest, table, _read_metrics(metrics_path), in_suite=suite is not None,
+                   steering=steering)
         build_shell(docs, site, cfg)
     prune_theme(site)
     add_csp(site)
@@ -201,7 +203,8 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
         (site / name).parent.mkdir(parents=True, exist_ok=True)
         (site / name).write_text(text, encoding="utf-8")
     facts = pages.SiteFacts(n_features=table.n, labels=_dense_labels(table), vocab=vocab,
-                            group_size=page_data.group_size(int(manifest["shard_size"])), suite=suite)
+                            group_size=page_data.group_size(int(manifest["shard_size"])), suite=suite,
+                            steering=steering)
     page_data.write_vocab(site, vocab)
     n_shards = len(list(features_dir.glob("features-*.parquet")))
     parts = []
@@ -232,10 +235,13 @@ def build_site(cfg: RunConfig, manifest: dict, features_dir: Path, site: Path, *
 
 
 def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.FeatureTable, metrics: list[dict],
-               in_suite: bool = False):
+               in_suite: bool = False, steering: bool = False):
     """site_src/ plus the generated pages, ready for MkDocs (`in_suite`: for one member of a suite's site,
-    under site/<id>/, whose prompt analyser is the suite's, at the root)."""
+    under site/<id>/, whose prompt analyser is the suite's, at the root; `steering`: the export has the
+    steering file, so the prompt page keeps its steer box)."""
     shutil.copytree(SITE_SRC, docs, dirs_exist_ok=True)
+    if not steering:
+        drop_steer_box(docs / "prompt.md")
     (docs / "js" / "suite-search.js").unlink()   # only a suite's root search page uses it
     env = pages.jinja_env()
     (docs / "index.md").write_text(env.get_template("home.md").render(home_view(cfg, manifest, table, metrics)))
@@ -256,6 +262,17 @@ def write_docs(docs: Path, cfg: RunConfig, manifest: dict, table: search_index.F
         (docs / "prompt.md").write_text("# Try a prompt\n\nThe in-browser prompt analyser is not part of this build.\n")
 
 
+STEER_HEADING = "## Steer the model"
+
+
+def drop_steer_box(prompt_md: Path) -> None:
+    """The prompt page without its steer box section (the site has no steering file to run it on)."""
+    text = prompt_md.read_text(encoding="utf-8")
+    start = text.index(STEER_HEADING)
+    end = text.index("</script>", text.index("js/steer/box.js", start)) + len("</script>")
+    prompt_md.write_text(text[:start] + text[end:].lstrip("\n"), encoding="utf-8")
+
+
 SUITE_SECTIONS = {"explorer": ("Explorer", "explorer.html"), "map": ("Feature map", "map.html"),
                   "search": ("Search", "search.html"), "notable": ("Notable features", "notable.html")}
 """The per-SAE pages; the suite's root has one page each linking to every member's."""
@@ -266,6 +283,7 @@ def write_suite_docs(docs: Path, cfg: RunConfig, ms: list, manifests: dict[str, 
     """The suite root's MkDocs sources: site_src/ (the prompt analyser, methodology, about), the suite's
     home, and for each per-SAE page (explorer, map, search, notable) one listing every member's."""
     shutil.copytree(SITE_SRC, docs, dirs_exist_ok=True)
+    drop_steer_box(docs / "prompt.md")   # a suite exports no steering file
     env = pages.jinja_env()
     rows = [suite_row(m, manifests[m.id], tables[m.id]) for m in ms]
     (docs / "index.md").write_text(env.get_template("suite_home.md").render(

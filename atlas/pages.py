@@ -252,6 +252,8 @@ class SiteFacts:
     """Features per shared data file (page_data.group_size of the shard size)."""
     suite: SuiteFacts | None = None
     """In a suite's site: the member these pages belong to, the other members and the cross-SAE links."""
+    steering: bool = False
+    """The site has the steering web file (export.steering): pages carry the steer box."""
 
 
 @dataclass
@@ -367,6 +369,7 @@ def feature_view(row: dict, facts: SiteFacts) -> dict:
         "random": random_neighbour(fid, n),
         "root": "../.." if facts.suite is None else "../../..",
         "suite": suite_view(fid, facts.suite) if facts.suite is not None else None,
+        "steering": facts.steering,
     }
 
 

@@ -330,3 +330,27 @@ def test_notable_leaves_out_special_token_and_position_features(built_site):
     listed = {int(m) for m in re.findall(r'href="features/(\d+)/index.html"', switch.split("</details>")[0])}
     assert listed and listed <= dominated
     assert "special-token" in switch and "position" in switch
+
+
+def test_steer_box_only_where_the_export_has_the_steering_file(built_site, tmp_path, monkeypatch):
+    """Without export.steering the feature pages and the prompt page carry no steer box (it would only fail);
+    with a steering.json beside the analyser's files, both do."""
+    from atlas.config import RunConfig
+
+    page = (built_site / "features" / "3" / "index.html").read_text(encoding="utf-8")
+    prompt = (built_site / "prompt.html").read_text(encoding="utf-8")
+    assert "steer/box.js" not in page and "steer/box.js" not in prompt and "atlas-steer" not in prompt
+    assert "atlas-prompt" in prompt                                       # the analyser itself stays
+
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    (onnx / "model.json").write_text(json.dumps({"files": []}))
+    (onnx / "steering.json").write_text(json.dumps({"files": []}))
+    features = built_site.parent / "features"
+    monkeypatch.chdir(built_site.parent.parent.parent)
+    site = tmp_path / "site"
+    build.build_site(RunConfig(path="synth.yaml"), json.loads((features / "manifest.json").read_text()), features,
+                     site, onnx_dir=onnx)
+    assert "steer/box.js" in (site / "features" / "3" / "index.html").read_text(encoding="utf-8")
+    prompt = (site / "prompt.html").read_text(encoding="utf-8")
+    assert "steer/box.js" in prompt and "atlas-steer" in prompt and "atlas-prompt" in prompt

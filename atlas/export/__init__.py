@@ -76,6 +76,10 @@ __all__ = ["run", "export_dir", "write_web_files", "passes", "SaeToExport", "WEB
 
 WEB_BUDGET_BYTES = 100_000_000
 """A visitor's first analysis should not exceed this (GPT-2 Small to layer 8 + a 24,576-latent SAE fits)."""
+FULL_PRECISION_REL_ERR = 1e-3
+"""Largest error of the full-precision files' activations against PyTorch, relative to the token's largest
+activation. float32 error grows with depth: 1.2e-4 at SmolLM2's block 19, 1.6e-5 at block 11 and
+8.7e-6 at block 3 (configs/demo-suite.yaml); an export bug is off by far more, and the ids must match as well."""
 TRUNK = "trunk"
 """The trunk files' stem: trunk.onnx (full precision), trunk.web.onnx (the browser's)."""
 
@@ -169,10 +173,12 @@ def export_dir(out: Path, loaded, saes: list[SaeToExport], cfg, fp: str, context
         # n_active: float rounding may flip latents that sit at 0 (a ReLU SAE with 24,576 latents has
         # some on most tokens), so the count may differ by a latent or two per thousand active
         n_active_tol = 1 + 1e-3 * float(reference[sae_id].n_active.max(initial=0))
-        r["ok"] = r["ids_match"] >= 0.999 and r["max_rel_err"] <= 1e-4 and r["n_active_max_err"] <= n_active_tol
+        r["ok"] = (r["ids_match"] >= 0.999 and r["max_rel_err"] <= FULL_PRECISION_REL_ERR
+                   and r["n_active_max_err"] <= n_active_tol)
         if not r["ok"]:
             raise AtlasError(f"{out}/{encoder_name(sae_id)}.onnx: full-precision ONNX (with {TRUNK}.onnx) disagrees "
-                             f"with PyTorch (ids match {r['ids_match']:.4f}, max rel err {r['max_rel_err']:.2e}, "
+                             f"with PyTorch (ids match {r['ids_match']:.4f}, max rel err {r['max_rel_err']:.2e} "
+                             f"> {FULL_PRECISION_REL_ERR:g}, "
                              f"n_active off by up to {r['n_active_max_err']}); this is a bug in the export, please report it")
     mode, web_files, modes = write_web_files(trunk, encoders, layer_of, out, contexts, reference, ex, frequent, pages)
     del trunk, encoders
