@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-from atlas import page_data, shards
+from atlas import page_data, search_index, shards
 from atlas.labels.rules import Rule
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -483,6 +483,7 @@ def render_shard(features_path: str) -> dict:
         where = sorter[np.searchsorted(ids, pairs[first, 0], sorter=sorter)]
         top_token[where] = pairs[first, 1]
         consistency[where] = counts[first] / per_feature[pairs[first, 0]]
+    tok_t, tok_f, tok_a = search_index.strongest_tokens(tok_t, tok_f, tok_a)
     return {"ids": ids.astype(np.int32), "top_token": top_token, "consistency": consistency,
             "tok_token": tok_t, "tok_feature": tok_f, "tok_act": tok_a}
 

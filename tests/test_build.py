@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urlparse
 
+import numpy as np
 import pytest
 
 import synthetic_shards
@@ -354,3 +355,25 @@ def test_steer_box_only_where_the_export_has_the_steering_file(built_site, tmp_p
     assert "steer/box.js" in (site / "features" / "3" / "index.html").read_text(encoding="utf-8")
     prompt = (site / "prompt.html").read_text(encoding="utf-8")
     assert "steer/box.js" in prompt and "atlas-steer" in prompt and "atlas-prompt" in prompt
+
+
+def test_strongest_tokens_per_feature_match_brute_force_and_reduce_by_shard():
+    """The token index keeps, per feature, its MAX_TOKENS_PER_FEATURE strongest distinct tokens at their
+    highest activation: checked against a dictionary built by hand, and reducing each shard's rows
+    first (as the page workers do) gives the same rows as reducing all at once."""
+    rng = np.random.default_rng(0)
+    n = 20_000
+    tok, feat = rng.integers(0, 60, n), rng.integers(0, 50, n)
+    act = rng.random(n).astype(np.float32)
+    best: dict[tuple[int, int], float] = {}
+    for t, f, a in zip(tok.tolist(), feat.tolist(), act.tolist()):
+        best[t, f] = max(a, best.get((t, f), a))
+    want = set()
+    for f in range(50):
+        mine = sorted(((a, t) for (t, g), a in best.items() if g == f), reverse=True)
+        want |= {(t, f, a) for a, t in mine[:search_index.MAX_TOKENS_PER_FEATURE]}
+    t, f, a = search_index.strongest_tokens(tok, feat, act)
+    assert set(zip(t.tolist(), f.tolist(), a.tolist())) == want
+    parts = [search_index.strongest_tokens(tok[feat % 3 == s], feat[feat % 3 == s], act[feat % 3 == s]) for s in range(3)]
+    joined = set(zip(*(np.concatenate([p[i] for p in parts]).tolist() for i in range(3))))
+    assert joined == want
