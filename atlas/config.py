@@ -25,7 +25,7 @@ from atlas.errors import ConfigError
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 """sae.architecture values, the one list: atlas/saes/registry.py maps each to its class."""
-WEB_QUANTIZATIONS = ("auto", "w8-emb4", "w8")
+WEB_QUANTIZATIONS = ("auto", "w8-emb4", "w8", "f16")
 """export.quantization values: atlas.export.QUANTIZATIONS plus "auto" (kept equal by a test)."""
 OPSETS = range(14, 22)
 """export.opset values: what torch.onnx writes and onnxruntime(-web) runs."""
@@ -176,7 +176,8 @@ class ExportConfig:
     quantization: str = "auto"
     """Web file weights (atlas.export.QUANTIZATIONS; activations always stay float): "auto" keeps the
     smallest mode that passes the parity gate below; "w8-emb4" (8-bit MatMul weights, 4-bit token
-    embedding: GPT-2 Small to layer 8 fits 100 MB) or "w8" (8 bits throughout, finer blocks)."""
+    embedding: GPT-2 Small to layer 8 fits 100 MB), "w8" (8 bits throughout, finer blocks) or "f16"
+    (float16 weights: twice w8's bytes, for what 8 bits cannot hold, such as the demo's steering file)."""
     opset: int = 17
     parity_texts: int = 16
     """Held-out contexts the web file is checked on against PyTorch (the store's last ones)."""

@@ -392,6 +392,7 @@ def test_every_layer_matches_python(browser, suite_site):
         page = browser.new_page()
         page.goto(url + "prompt.html")
         analyse(page, text)
+        assert "tokens analysed" in page.inner_text(".atlas-status")  # not the last encoder's "Starting the model…"
         rows = page.query_selector_all(".atlas-layer-table tbody tr")
         assert [r.get_attribute("data-sae") for r in rows] == [i for i, _, _ in SUITE]
         for row in rows:

@@ -176,6 +176,37 @@ def test_web_weights_are_dequantised_once_at_load(exported, tmp_path, stem, n_we
             assert np.array_equal(folded[t.name], dequantized_weight(numpy_helper.to_array(t), q.weight_block)), t.name
 
 
+def test_f16_mode_stores_half_weights_restored_once_at_load(exported, tmp_path):
+    """Mode f16: every MatMul weight and gathered table is stored in float16 and cast back when the
+    session opens; the folded weights are exactly the float16 roundings of the full-precision ones."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from atlas.export.files import save_model
+    from atlas.export.quantization import quantize
+
+    full = onnx.load(exported / "trunk.onnx")
+    save_model(quantize(full, "f16"), tmp_path / "trunk.f16.onnx")
+    web = onnx.load(tmp_path / "trunk.f16.onnx")
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 4096 for t in web.graph.initializer)
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in web.graph.initializer) >= 3 * 4 + 1
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(tmp_path / "trunk.f16.onnx"), opts, providers=["CPUExecutionProvider"])
+    folded = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "optimized.onnx").graph.initializer}
+    weights = {n.input[1] for n in full.graph.node if n.op_type == "MatMul"}
+    weights |= {n.input[0] for n in full.graph.node if n.op_type == "Gather"}
+    checked = 0
+    for t in full.graph.initializer:
+        if t.name in weights and len(t.dims) == 2:
+            w = numpy_helper.to_array(t)
+            assert np.array_equal(folded[t.name], w.astype(np.float16).astype(np.float32)), t.name
+            checked += 1
+    assert checked >= 3 * 4 + 1
+
+
 @pytest.mark.parametrize("block", [0, 32])
 def test_dequantized_weight_error_is_half_a_step(block):
     """8-bit blocks along the input dimension: the error is half a step, plus what rounding the

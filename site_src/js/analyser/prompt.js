@@ -69,7 +69,8 @@ function mount(root) {
       saes = first.saes;
       offerSaes();
       await showSae(first);
-      status.textContent = `${result.ids.length} tokens analysed in ${first.ms.toFixed(0)} ms.`;
+      const done = `${result.ids.length} tokens analysed in ${first.ms.toFixed(0)} ms.`;
+      status.textContent = done;
       const notes = lengthNotes(result);
       notice.textContent = notes;
       notice.hidden = !notes;
@@ -78,6 +79,7 @@ function mount(root) {
         for (const sae of saes) all.push(sae.id === first.sae.id ? first : await encode(first.run, sae.id, progress));
         if (mine !== latest) return;
         bar.hidden = true;
+        status.textContent = done; // the other encoders' downloads and starts wrote their progress here
         await renderLayers(layers, saes, all);
         layersBlock.hidden = false;
       }
