@@ -5,7 +5,9 @@ residual stream before each of the suite's blocks is caught on the way (`Truncat
 every hook's activations come from the same contexts, in one store (atlas/store.py).
 
 The work is cut into parts of `corpus.chunk_contexts` contexts. Each part is written atomically,
-so after a kill the next run skips the finished parts (re-tokenising the text they came from,
+(by one background thread, while the model runs on the next part: bench_collect.py measured 0.85x
+the bare forward for nine hooks without it, 0.90x with it), so after a kill the next run skips the
+finished parts (re-tokenising the text they came from,
 which is cheap next to the forward pass) and continues with the first missing one; a part
 deleted or damaged after the store was finished is recomputed the same way. The fingerprint
 covers the model and corpus sections and the content of a local corpus file and model folder,
@@ -20,6 +22,7 @@ import math
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -76,17 +79,31 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
                desc=f"collect {cfg.model.name} {where}", disable=rank != 0 and world > 1,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     produced = 0
-    for part in range(n_parts):
-        want = min(c.chunk_contexts, n_contexts - part * c.chunk_contexts)
-        chunk = list(itertools.islice(contexts, want))
-        produced += len(chunk)
-        if len(chunk) < want:
-            n_parts = part + (1 if chunk else 0)
-            if chunk and part in mine:
-                _collect_part(model, cfg.layers, path, part, chunk, c.batch_size, c.store_dtype, device, bar)
-            break
-        if part in mine:
-            _collect_part(model, cfg.layers, path, part, chunk, c.batch_size, c.store_dtype, device, bar)
+    # the part before is hashed and written by one background thread while the model runs on the next
+    # (at most one write pending: two parts in memory); a part is still written atomically or not at all
+    with ThreadPoolExecutor(1, thread_name_prefix="atlas-store-writer") as writer:
+        pending = None
+
+        def collect(part: int, chunk: list[np.ndarray]):
+            nonlocal pending
+            tokens, acts = _collect_part(model, cfg.layers, part, chunk, c.batch_size, c.store_dtype, device, bar)
+            if pending is not None:
+                pending.result()  # a failed write stops the run here
+            pending = writer.submit(write_part, path, part, tokens, acts, c.store_dtype)
+
+        for part in range(n_parts):
+            want = min(c.chunk_contexts, n_contexts - part * c.chunk_contexts)
+            chunk = list(itertools.islice(contexts, want))
+            produced += len(chunk)
+            if len(chunk) < want:
+                n_parts = part + (1 if chunk else 0)
+                if chunk and part in mine:
+                    collect(part, chunk)
+                break
+            if part in mine:
+                collect(part, chunk)
+        if pending is not None:
+            pending.result()
     bar.close()
     if produced < n_contexts and rank == 0:
         print(f"collect: the corpus ran out after {produced} contexts ({produced * c.ctx_len:,} tokens); "
@@ -151,10 +168,12 @@ def _intact(part: Path, size: int | None, keys: list[str]) -> bool:
 
 
 @torch.inference_mode()
-def _collect_part(model, layers: tuple[int, ...], path: Path, part: int, chunk: list[np.ndarray], batch_size: int,
-                  dtype: str, device: torch.device, bar) -> None:
+def _collect_part(model, layers: tuple[int, ...], part: int, chunk: list[np.ndarray], batch_size: int,
+                  dtype: str, device: torch.device, bar) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """One part's tokens [c, ctx_len] and each hook's activations [c * ctx_len, d_model] in the store's dtype."""
     tokens = np.stack(chunk)
-    acts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    acts: dict[int, np.ndarray] = {}
+    row = 0
     for i in range(0, len(tokens), batch_size):
         ids = torch.from_numpy(tokens[i:i + batch_size]).long().to(device)
         t0 = time.perf_counter()
@@ -162,7 +181,11 @@ def _collect_part(model, layers: tuple[int, ...], path: Path, part: int, chunk: 
             if not torch.isfinite(h).all():
                 raise AtlasError(f"non-finite activations at layer {layer} in part {part} (contexts {part}:{i}); "
                                  f"check model.dtype (float16 can overflow) and the model weights")
-            acts[layer].append(h.reshape(-1, h.shape[-1]).to("cpu", getattr(torch, dtype)).numpy())
+            h = h.reshape(-1, h.shape[-1]).to("cpu", getattr(torch, dtype)).numpy()
+            if layer not in acts:  # filled in place: no per-batch list to concatenate afterwards
+                acts[layer] = np.empty((tokens.size, h.shape[1]), h.dtype)
+            acts[layer][row:row + len(h)] = h
+        row += ids.numel()
         bar.update(ids.numel())
         bar.set_postfix_str(f"{ids.numel() / (time.perf_counter() - t0):,.0f} tok/s fwd", refresh=False)
-    write_part(path, part, tokens, {layer: np.concatenate(a) for layer, a in acts.items()}, dtype)
+    return tokens, acts

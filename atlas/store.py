@@ -101,7 +101,7 @@ def write_part(store_path: Path, index: int, tokens: np.ndarray, acts: dict[int,
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     layers = tuple(sorted(acts))
     tokens = tokens.astype(np.int32)
-    arrays = [acts[layer].astype(dtype) for layer in layers]
+    arrays = [acts[layer].astype(dtype, copy=False) for layer in layers]
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("tokens", data=tokens)
