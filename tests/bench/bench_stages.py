@@ -33,7 +33,8 @@ STAGES = {
              "(explained variance, CE-loss and KL scores)",
     "analyze": "stream the store through the encoder (running top-k, histograms, interval reservoirs), logit effects, "
                "neighbours, labels chosen and scored on held-out splits, the UMAP map",
-    "export": "ONNX graph of model-up-to-hook + encoder, web file chosen by the parity gate, parity report",
+    "export": "ONNX graph of model-up-to-hook + encoder, web file chosen by the parity gate, parity report; "
+              "with `export.steering` (the demo) the steering file and its gate",
     "build": "MkDocs shell, then one page per feature stamped from it, search indexes",
 }
 
