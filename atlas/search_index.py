@@ -175,10 +175,9 @@ def strongest_tokens(tok_token: np.ndarray, tok_feature: np.ndarray, tok_act: np
 
 def write_tokens(data_dir: Path, tok_token: np.ndarray, tok_feature: np.ndarray, tok_act: np.ndarray,
                  vocab: list[str]) -> int:
-    """data/tokens/NN.js: token text -> [[feature ids], [max activation]] (best first), from the rows of
-    `strongest_tokens` (raw firings are reduced here too). Returns the shard count."""
-    token, feature, act = strongest_tokens(tok_token, tok_feature, tok_act)
-    token, feature = token.astype(np.int64), feature.astype(np.int64)
+    """data/tokens/NN.js: token text -> [[feature ids], [max activation]] (best first), from the rows
+    `strongest_tokens` kept (each page worker reduces its shard's). Returns the shard count."""
+    token, feature, act = tok_token.astype(np.int64), tok_feature.astype(np.int64), tok_act
     # per token: features by activation, best first
     order = np.lexsort((-act, token))
     token, feature, act = token[order], feature[order], act[order]

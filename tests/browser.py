@@ -11,6 +11,7 @@ notice when Chromium is not installed (`.ci/run` installs it, so CI always runs 
 from __future__ import annotations
 
 import http.server
+import json
 import shutil
 import threading
 from contextlib import contextmanager
@@ -27,6 +28,32 @@ PAGE = """<!doctype html><html><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{csp}"><title>{title}</title></head>
 <body>{body}</body></html>"""
 PREFIX = "/atlas/"    # a project site's path, as on GitHub Pages
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_scripts(site: Path) -> None:
+    """The site's browser code into `site`: the vendored npm files (site_src/vendor.json) and site_src/js."""
+    for dest, src in json.loads((ROOT / "site_src/vendor.json").read_text()).items():
+        (site / dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / src, site / dest)
+    shutil.copytree(ROOT / "site_src/js", site / "js", dirs_exist_ok=True)
+
+
+def assemble_steer_site(site: Path, onnx_dir: Path, meta: dict, feature: int, max_act: float) -> Path:
+    """A site with the steer box alone: the scripts, the steering files of `meta` (steering.json) from
+    `onnx_dir` with tokenizer.json, and features/<feature>/index.html holding the box. Returns that page."""
+    from atlas.export.steering import META_FILE
+
+    copy_scripts(site)
+    (site / "onnx").mkdir()
+    for f in [META_FILE, "tokenizer.json", *meta["files"]]:
+        shutil.copy2(onnx_dir / f, site / "onnx" / f)
+    page = site / "features" / str(feature) / "index.html"
+    page.parent.mkdir(parents=True)
+    page.write_text(PAGE.format(csp=CSP, title="Feature", body=(
+        f'<section class="atlas-steer" data-feature-id="{feature}" data-max-act="{max_act}"></section>'
+        '<script type="module" src="../../js/steer/box.js"></script>')))
+    return page
 
 
 def chromium_path() -> str | None:

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
-from browser import CSP, PAGE, PREFIX, check_heatmap, close, ort_reference, serve
+from browser import CSP, PAGE, PREFIX, check_heatmap, close, copy_scripts, ort_reference, serve
 from support import export_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,10 +32,7 @@ def assemble_site(site: Path, onnx_dir: Path, labels: list[str] | None = None) -
     """A minimal site: js/, assets/vendor/ (site_src/vendor.json), onnx/, prompt.html, features/N/index.html
     (a try box for every feature) and data/features.js with `labels`; for a suite, the features and
     data of each SAE under <id>/ (the layout model.js saePages assumes)."""
-    for dest, src in json.loads((ROOT / "site_src/vendor.json").read_text()).items():
-        (site / dest).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / src, site / dest)
-    shutil.copytree(ROOT / "site_src/js", site / "js", dirs_exist_ok=True)
+    copy_scripts(site)
     meta = json.loads((onnx_dir / "model.json").read_text())
     (site / "onnx").mkdir(exist_ok=True)
     for f in meta["files"] + ["model.json"]:

@@ -4,8 +4,6 @@ control streams too. Tiny world, layer 2, a random TopK SAE."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from atlas.config import RunConfig, SAEConfig
 from atlas.export import parity_contexts, steering
 from atlas.model import load_model
 from atlas.saes import build_sae
-from browser import CSP, PAGE, PREFIX, serve
+from browser import PREFIX, assemble_steer_site, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 FEATURE, MAX_ACT, STRENGTH = 5, 2.5, 6.0
@@ -42,18 +40,7 @@ def site(tiny_world, tmp_path_factory):
     mp.undo()
     loaded.tokenizer.backend_tokenizer.save(str(onnx_dir / "tokenizer.json"))
     site = tmp_path_factory.mktemp("site")
-    for dest, src in json.loads((ROOT / "site_src/vendor.json").read_text()).items():
-        (site / dest).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / src, site / dest)
-    shutil.copytree(ROOT / "site_src/js", site / "js")
-    (site / "onnx").mkdir()
-    for f in [steering.META_FILE, "tokenizer.json", *meta["files"]]:
-        shutil.copy2(onnx_dir / f, site / "onnx" / f)
-    page = site / "features" / str(FEATURE) / "index.html"
-    page.parent.mkdir(parents=True)
-    page.write_text(PAGE.format(csp=CSP, title="Feature", body=(
-        f'<section class="atlas-steer" data-feature-id="{FEATURE}" data-max-act="{MAX_ACT}"></section>'
-        '<script type="module" src="../../js/steer/box.js"></script>')))
+    assemble_steer_site(site, onnx_dir, meta, FEATURE, MAX_ACT)
     return site, meta, loaded
 
 

@@ -7,7 +7,7 @@
   var A = window.Atlas;
   var $ = function (id) { return document.getElementById(id); };
   var canvas = $("atlas-map-canvas"), tip = $("atlas-map-tip"), regionBox = $("atlas-map-regions");
-  var ctx = canvas.getContext("2d"), F, pts = [], view, fitScale = 1, grid, hover = -1, drag = null;
+  var ctx = canvas.getContext("2d"), F, pts = [], view, home, grid, hover = -1, drag = null;
   var selected = -1, crosshair = false, regionButtons = [];
 
   function fit() {
@@ -17,17 +17,17 @@
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   }
 
-  // the view that shows every point; its scale is zoom 1 (so an address's zoom means the same on any screen)
-  function fitted() {
+  // `home`: the view that shows every point, for this canvas size; its scale is zoom 1 (so an address's
+  // zoom means the same on any screen)
+  function measure() {
     var x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
     pts.forEach(function (i) { x0 = Math.min(x0, F.x[i]); x1 = Math.max(x1, F.x[i]); y0 = Math.min(y0, F.y[i]); y1 = Math.max(y1, F.y[i]); });
     if (!pts.length) { x0 = y0 = 0; x1 = y1 = 1; }
     var w = canvas.clientWidth, h = canvas.clientHeight;
-    fitScale = 0.92 * Math.min(w / ((x1 - x0) || 1), h / ((y1 - y0) || 1));
-    return { s: fitScale, cx: (x0 + x1) / 2, cy: (y0 + y1) / 2 };
+    home = { s: 0.92 * Math.min(w / ((x1 - x0) || 1), h / ((y1 - y0) || 1)), cx: (x0 + x1) / 2, cy: (y0 + y1) / 2 };
   }
 
-  function reset() { view = fitted(); select(-1); changed(); }
+  function reset() { view = Object.assign({}, home); select(-1); changed(); }
 
   function toX(x) { return canvas.clientWidth / 2 + (x - view.cx) * view.s; }
   function toY(y) { return canvas.clientHeight / 2 - (y - view.cy) * view.s; }
@@ -52,7 +52,7 @@
   }
 
   function draw() {
-    var w = canvas.clientWidth, h = canvas.clientHeight, r = Math.max(3, Math.min(7, view.s / fitScale * 3));
+    var w = canvas.clientWidth, h = canvas.clientHeight, r = Math.max(3, Math.min(7, view.s / home.s * 3));
     ctx.clearRect(0, 0, w, h);
     grid = {};
     pts.forEach(function (i) {
@@ -134,7 +134,7 @@
     select(i);
     if (selected < 0) { changed(); return; }
     view.cx = F.x[i]; view.cy = F.y[i];
-    view.s = Math.max(view.s, fitScale * 4);
+    view.s = Math.max(view.s, home.s * 4);
     changed();
   }
 
@@ -186,10 +186,9 @@
     var p = new URLSearchParams(), q = $("atlas-map-q").value.trim();
     if (q) p.set("q", q);
     if (selected >= 0) p.set("f", selected);
-    var home = fitted();
-    if (Math.abs(view.s / fitScale - 1) > 1e-3 || Math.abs(view.cx - home.cx) * view.s > 1 || Math.abs(view.cy - home.cy) * view.s > 1) {
+    if (Math.abs(view.s / home.s - 1) > 1e-3 || Math.abs(view.cx - home.cx) * view.s > 1 || Math.abs(view.cy - home.cy) * view.s > 1) {
       p.set("x", Number(view.cx.toPrecision(5))); p.set("y", Number(view.cy.toPrecision(5)));
-      p.set("z", Number((view.s / fitScale).toPrecision(4)));
+      p.set("z", Number((view.s / home.s).toPrecision(4)));
     }
     var query = p.toString();
     history.replaceState(history.state, "", location.pathname + (query ? "?" + query : "") + location.hash);
@@ -197,7 +196,7 @@
 
   function restore() {
     var p = new URLSearchParams(location.search), num = function (k) { var v = parseFloat(p.get(k)); return isFinite(v) ? v : null; };
-    view = fitted();
+    view = Object.assign({}, home);
     var q = p.get("q"), f = p.get("f") !== null ? parseInt(p.get("f"), 10) : -1;
     if (q) {
       $("atlas-map-q").value = q;
@@ -207,7 +206,7 @@
     }
     if (f >= 0) locate(f);
     var x = num("x"), y = num("y"), z = num("z");
-    if (x !== null && y !== null && z !== null && z > 0) { view.cx = x; view.cy = y; view.s = fitScale * z; }
+    if (x !== null && y !== null && z !== null && z > 0) { view.cx = x; view.cy = y; view.s = home.s * z; }
     changed();
   }
 
@@ -232,7 +231,7 @@
       regionButtons.push(b);
     });
     $("atlas-map-names").addEventListener("change", function (e) { regionBox.hidden = !e.target.checked; });
-    fit(); restore();
+    fit(); measure(); restore();
     canvas.addEventListener("wheel", function (e) {
       e.preventDefault();
       var p = pos(e), k = Math.exp(-e.deltaY * 0.0015);
@@ -276,7 +275,7 @@
     $("atlas-map-reset").addEventListener("click", function () {
       $("atlas-map-q").value = ""; $("atlas-map-matches").textContent = ""; reset();
     });
-    window.addEventListener("resize", function () { var z = view.s / fitScale; fit(); fitted(); view.s = fitScale * z; draw(); });
+    window.addEventListener("resize", function () { var z = view.s / home.s; fit(); measure(); view.s = home.s * z; draw(); });
   }
 
   A.load("features").then(start, function (e) { $("atlas-map-status").textContent = e.message; });

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -25,27 +24,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from atlas.export import steering  # noqa: E402
-from browser import open_browser, serve  # noqa: E402
+from browser import assemble_steer_site, open_browser, serve  # noqa: E402
 
 PROMPT = "The function returns a list of"
 N_NEW = 40
-CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; worker-src 'self'; "
-       "style-src 'self' 'unsafe-inline'")
-
-
-def assemble(onnx_dir: Path, site: Path, meta: dict) -> None:
-    for dest, src in json.loads((ROOT / "site_src/vendor.json").read_text()).items():
-        (site / dest).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / src, site / dest)
-    shutil.copytree(ROOT / "site_src/js", site / "js")
-    (site / "onnx").mkdir()
-    for f in [steering.META_FILE, "tokenizer.json", *meta["files"]]:
-        shutil.copy2(onnx_dir / f, site / "onnx" / f)
-    (site / "features/0").mkdir(parents=True)
-    (site / "features/0/index.html").write_text(
-        f'<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" content="{CSP}">'
-        f'</head><body><section class="atlas-steer" data-feature-id="0" data-max-act="1"></section>'
-        f'<script type="module" src="../../js/steer/box.js"></script></body></html>')
 
 
 def browser_run(page, url: str) -> dict:
@@ -94,7 +76,7 @@ def main() -> None:
     py = python_run(onnx_dir, meta)
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp)
-        assemble(onnx_dir, site, meta)
+        assemble_steer_site(site, onnx_dir, meta, feature=0, max_act=1)
         with serve({"/atlas/": site}) as server, open_browser() as b:
             url = server.url("/atlas/") + "features/0/index.html"
             context = b.new_context()

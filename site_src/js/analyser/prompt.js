@@ -8,10 +8,10 @@
 // ('unsafe-inline' in style-src is for the theme; this code sets colours through the CSSOM,
 // which style-src does not restrict.)
 // The model runs in a Web Worker (client.js, worker.js): the page stays responsive while it works.
-import { Refused, analyse, encode, saePages, unsupportedReason } from "./client.js";
+import { analyse, encode, saePages, unsupportedReason } from "./client.js";
 import { renderLayers } from "./layers.js";
 import { featureActs, featureUnseen, promptCoverage, promptFeatures, tokenCoverage, tokenFeatures } from "./results.js";
-import { el, featureItem, lengthNotes, loadLabels, progressReporter, renderTokens } from "./ui.js";
+import { el, featureItem, lengthNotes, loadLabels, progressReporter, renderTokens, showFailure } from "./ui.js";
 
 const root = document.querySelector("section.atlas-prompt");
 if (root) mount(root);
@@ -86,17 +86,7 @@ function mount(root) {
       root.dataset.state = "done";
     } catch (err) {
       if (mine !== latest) return;
-      bar.hidden = true;
-      if (err instanceof Refused) {
-        status.textContent = "";
-        notice.textContent = err.message;
-        notice.hidden = false;
-        root.dataset.state = "refused";
-        return;
-      }
-      status.textContent = `Analysis failed: ${err.message || err}`;
-      root.dataset.state = "error";
-      console.warn(err);
+      showFailure(err, { bar, status, notice, root });
     }
   });
 

@@ -3,9 +3,9 @@
 // (data-sae: the SAE of a suite the page belongs to; without it, the atlas's first SAE)
 // and colours the tokens of the visitor's text by feature N, with the same model as the prompt
 // page (downloaded once, cached), in the same kind of Web Worker. CSP: see prompt.js.
-import { Refused, analyse, unsupportedReason } from "./client.js";
+import { analyse, unsupportedReason } from "./client.js";
 import { featureActs, featureUnseen, verdict } from "./results.js";
-import { el, lengthNotes, progressReporter, renderTokens } from "./ui.js";
+import { el, lengthNotes, progressReporter, renderTokens, showFailure } from "./ui.js";
 
 for (const section of document.querySelectorAll("section.atlas-try[data-feature-id]")) mount(section);
 
@@ -52,17 +52,7 @@ function mount(section) {
       section.dataset.state = "done";
     } catch (err) {
       if (mine !== latest) return;
-      bar.hidden = true;
-      if (err instanceof Refused) {
-        status.textContent = "";
-        notice.textContent = err.message;
-        notice.hidden = false;
-        section.dataset.state = "refused";
-        return;
-      }
-      status.textContent = `Analysis failed: ${err.message || err}`;
-      section.dataset.state = "error";
-      console.warn(err);
+      showFailure(err, { bar, status, notice, root: section });
     }
   });
 }

@@ -1,6 +1,6 @@
 // DOM helpers shared by the prompt page and the feature-page box. Every prompt, token and
 // label is untrusted: it goes in with textContent, never as HTML.
-import { SITE_ROOT } from "./client.js";
+import { Refused, SITE_ROOT } from "./client.js";
 import { coverageText } from "./results.js";
 
 const labels = new Map(); // SAE pages folder -> Promise<Map<feature id, label>>
@@ -154,4 +154,20 @@ export function lengthNotes(result) {
 function ordinal(n) {
   const s = n % 100 >= 11 && n % 100 <= 13 ? "th" : ({ 1: "st", 2: "nd", 3: "rd" }[n % 10] || "th");
   return `${n}${s}`;
+}
+
+/** An analysis that did not finish: a refusal (too long) as a notice, any other error as a status line.
+ * Sets `root.dataset.state` to "refused" or "error". */
+export function showFailure(err, { bar, status, notice, root }) {
+  bar.hidden = true;
+  if (err instanceof Refused) {
+    status.textContent = "";
+    notice.textContent = err.message;
+    notice.hidden = false;
+    root.dataset.state = "refused";
+    return;
+  }
+  status.textContent = `Analysis failed: ${err.message || err}`;
+  root.dataset.state = "error";
+  console.warn(err);
 }
