@@ -4,12 +4,13 @@ A `RowStream` shuffles reproducibly from its seed alone, so a resumed run, or ea
 torchrun, can start at any batch and see exactly the batches a single uninterrupted process would.
 
 What it costs is what a GPU waits for, so each row is copied as few times as possible: a buffer
-of chunks is read once into one array in the store's dtype, the shuffle is a permutation of row
-indices (never of the rows), and each batch is one gather from the buffer, converted to float32
-(and pinned for a non-blocking copy to CUDA). A background thread reads the next buffer and
-gathers batches ahead while the consumer trains; NumPy, h5py and torch release the GIL while they
-copy, so the two overlap. An in-memory source (`rows`) is never copied at all: batches are
-gathered straight from it. tests/bench/bench_data.py compares this with a bare read of the store.
+of chunks is read once into one array in the store's dtype (`ActivationStore.read_into`: os.preadv
+at the chunks' byte offsets, the GIL released), the shuffle is a permutation of row indices (never
+of the rows), and each batch is one gather from the buffer, in the store's dtype (into pinned
+memory for a non-blocking copy to CUDA; the trainer converts on its device). Two threads work
+ahead of the consumer: one reads the next buffer, one gathers batches, so reading, gathering and
+training overlap. An in-memory source (`rows`) is never copied at all: batches are gathered
+straight from it. tests/bench/bench_data.py compares this with a bare read of the store.
 """
 
 from __future__ import annotations
@@ -109,11 +110,13 @@ class RowStream:
             pos += b - a
         return out
 
-    def _epochs(self, skip: int):
+    def _epochs(self, skip: int, free: threading.Semaphore):
         """(source, shuffled indices into it, their row ids) of each buffer from row `skip` of the
-        stream on, endlessly; buffers skipped whole are never read. Buffers rotate through three
-        arrays: the one being consumed, the one waiting (`_ahead` holds one) and the one being read."""
-        pool: list[torch.Tensor | None] = [None] * 3
+        stream on, endlessly; buffers skipped whole are never read. Two arrays take turns (double
+        buffering): one is read while the consumer gathers from the other, which it gives back
+        (`free.release()`) when it moves on. A third would only add its page faults -- fresh memory
+        costs as much to touch as the read itself -- and its size in RAM."""
+        pool: list[torch.Tensor | None] = [None] * 2
         slot = epoch = 0
         while True:
             any_rows = False
@@ -125,6 +128,8 @@ class RowStream:
                     skip -= n
                     continue
                 order, ids = self._order(key, ranges)
+                if self.rows is None:
+                    free.acquire()
                 yield self._read_buffer(ranges, pool, slot), order[skip:], ids[skip:]
                 skip, slot = 0, (slot + 1) % len(pool)
             if not any_rows:
@@ -134,23 +139,31 @@ class RowStream:
     def _indexed_batches(self, batch_size: int, start_step: int, lo: int, hi: int):
         """(source, indices into it, store row ids) of each batch slice, in order, endlessly. The
         buffers are read one ahead by a thread of their own."""
+        free = threading.Semaphore(2)
+        buffers = _ahead(self._epochs(start_step * batch_size, free), 1)
         carry: tuple[torch.Tensor, np.ndarray] | None = None  # the last buffer's rows short of a batch
-        for source, order, ids in _ahead(self._epochs(start_step * batch_size), 1):
-            i = 0
-            if carry is not None:  # one batch from the leftover rows and this buffer's first
-                need = batch_size - len(carry[0])
-                if len(order) < need:  # still short (a tiny buffer): carry on
-                    carry = (torch.cat([carry[0], source[order]]), np.concatenate([carry[1], ids]))
-                    continue
-                rows = torch.cat([carry[0], source[order[:need]]])
-                yield rows, torch.arange(lo, hi), np.concatenate([carry[1], ids[:need]])[lo:hi]
-                i, carry = need, None
-            n_full = (len(order) - i) // batch_size
-            for j in range(i, i + n_full * batch_size, batch_size):
-                yield source, order[j + lo:j + hi], ids[j + lo:j + hi]
-            i += n_full * batch_size
-            if i < len(order):
-                carry = (source[order[i:]], ids[i:])
+        try:
+            for n_buffer, (source, order, ids) in enumerate(buffers):
+                if n_buffer:
+                    free.release()  # the previous buffer: its batches are gathered, its leftover copied
+                i = 0
+                if carry is not None:  # one batch from the leftover rows and this buffer's first
+                    need = batch_size - len(carry[0])
+                    if len(order) < need:  # still short (a tiny buffer): carry on
+                        carry = (torch.cat([carry[0], source[order]]), np.concatenate([carry[1], ids]))
+                        continue
+                    rows = torch.cat([carry[0], source[order[:need]]])
+                    yield rows, torch.arange(lo, hi), np.concatenate([carry[1], ids[:need]])[lo:hi]
+                    i, carry = need, None
+                n_full = (len(order) - i) // batch_size
+                for j in range(i, i + n_full * batch_size, batch_size):
+                    yield source, order[j + lo:j + hi], ids[j + lo:j + hi]
+                i += n_full * batch_size
+                if i < len(order):
+                    carry = (source[order[i:]], ids[i:])
+        finally:
+            free.release(2)  # a reader waiting for an array goes on, sees the stop and ends
+            buffers.close()
 
     def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1,
                 pin: bool = False) -> Iterator[torch.Tensor]:
@@ -166,7 +179,9 @@ class RowStream:
 
         def gathered():
             for source, index, _ in self._indexed_batches(batch_size, start_step, lo, hi):
-                yield source.index_select(0, index).pin_memory() if pin else source.index_select(0, index)
+                # gathered straight into pinned memory when the consumer copies to CUDA: one copy, not two
+                out = torch.empty(len(index), source.shape[1], dtype=source.dtype, pin_memory=pin)
+                yield torch.index_select(source, 0, index, out=out)
 
         return _ahead(gathered(), PREFETCH_BATCHES)
 
@@ -250,5 +265,5 @@ def store_stream(store, train_cfg: TrainConfig) -> RowStream:
     # finds the row (`bad_row`); the in-memory load above checks every row once.
     return RowStream(lambda a, b: torch.from_numpy(store.acts[rows.start + a:rows.start + b]), len(rows),
                      chunk_rows=store.chunk_rows, buffer_rows=buffer_rows, keep=keep, seed=train_cfg.seed,
-                     read_into=lambda a, b, out: store.acts.read_direct(out, np.s_[rows.start + a:rows.start + b]),
+                     read_into=lambda a, b, out: store.read_into(rows.start + a, rows.start + b, out),
                      check_row=check_row)

@@ -49,7 +49,7 @@ def write_store(path: Path, n_rows: int) -> None:
     for i, c0 in enumerate(range(0, n_ctx, PART_CONTEXTS)):
         c = min(PART_CONTEXTS, n_ctx - c0)
         acts = rng.standard_normal((c * CTX, D_MODEL), dtype=np.float32).astype(np.float16)
-        write_part(path, i, np.zeros((c, CTX), np.int32), acts, "float16")
+        write_part(path, i, np.zeros((c, CTX), np.int32), {8: acts}, "float16")
         n_parts += 1
     info = StoreInfo(model="bench", revision="main", layer=8, hook_name="blocks.8.hook_resid_pre", ctx_len=CTX,
                      d_model=D_MODEL, dtype="float16", tokenizer_hash="", n_contexts=n_ctx, n_eval_contexts=0,
