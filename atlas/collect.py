@@ -24,6 +24,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -31,10 +32,10 @@ import torch
 from tqdm import tqdm
 
 from atlas import distributed
-from atlas.config import RunConfig, hook_name
+from atlas.config import CorpusConfig, RunConfig, hook_name
 from atlas.corpus import iter_contexts, iter_texts
 from atlas.errors import AtlasError
-from atlas.model import check_ctx_len, check_layer, load_model, resolve_device
+from atlas.model import LoadedModel, check_ctx_len, check_layer, load_model, resolve_device
 from atlas.resources import require_disk, require_memory
 from atlas.stage import open_stage, source_digest
 from atlas.store import (StoreInfo, acts_key, finalize, finished_parts, parts_dir, read_store_stamp, tokenizer_hash,
@@ -58,8 +59,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
         check_layer(cfg.path, layer, loaded)
     check_ctx_len(cfg.path, c.ctx_len, loaded)
     _check_room(cfg, loaded.d_model, path)
-    contexts = iter_contexts(iter_texts(c), loaded.tokenizer, c.ctx_len, loaded.bos_token_id,
-                             loaded.separator_token_id)
+    contexts = corpus_contexts(c, loaded)
     first = next(contexts, None)  # fail on a missing or empty corpus before touching any output
     if first is None:
         raise AtlasError(f"corpus '{c.dataset}' yielded no text (or less than one {c.ctx_len}-token context): nothing to collect")
@@ -167,25 +167,42 @@ def _intact(part: Path, size: int | None, keys: list[str]) -> bool:
         return False
 
 
-@torch.inference_mode()
+def corpus_contexts(c: CorpusConfig, loaded: LoadedModel) -> Iterator[np.ndarray]:
+    """The corpus' contexts in corpus order, as the store holds them: BOS first, the separator
+    between documents (atlas/corpus.py). `train.source: model` walks the same sequence."""
+    return iter_contexts(iter_texts(c), loaded.tokenizer, c.ctx_len, loaded.bos_token_id, loaded.separator_token_id)
+
+
 def _collect_part(model, layers: tuple[int, ...], part: int, chunk: list[np.ndarray], batch_size: int,
                   dtype: str, device: torch.device, bar) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """One part's tokens [c, ctx_len] and each hook's activations [c * ctx_len, d_model] in the store's dtype."""
     tokens = np.stack(chunk)
-    acts: dict[int, np.ndarray] = {}
+    return tokens, activation_rows(model, layers, tokens, batch_size, dtype, device, f"part {part}", bar=bar)
+
+
+@torch.inference_mode()
+def activation_rows(model, layers: tuple[int, ...], tokens: np.ndarray, batch_size: int, dtype: str,
+                    device: torch.device, where: str, bar=None,
+                    out: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+    """Each hook's activations [c * ctx_len, d_model] in `dtype` (row = context * ctx_len + offset, as
+    in the store) of the contexts `tokens` [c, ctx_len], `batch_size` contexts per forward pass;
+    written into `out`'s arrays where given (no copy), else into new ones. Non-finite activations
+    stop with one line naming `where` (e.g. "part 3")."""
+    acts: dict[int, np.ndarray] = dict(out or {})
     row = 0
     for i in range(0, len(tokens), batch_size):
         ids = torch.from_numpy(tokens[i:i + batch_size]).long().to(device)
         t0 = time.perf_counter()
         for layer, h in model.residuals(ids, layers).items():
             if not torch.isfinite(h).all():
-                raise AtlasError(f"non-finite activations at layer {layer} in part {part} (contexts {part}:{i}); "
-                                 f"check model.dtype (float16 can overflow) and the model weights")
+                raise AtlasError(f"non-finite activations at layer {layer} in {where} (its contexts "
+                                 f"{i}:{i + len(ids)}); check model.dtype (float16 can overflow) and the model weights")
             h = h.reshape(-1, h.shape[-1]).to("cpu", getattr(torch, dtype)).numpy()
             if layer not in acts:  # filled in place: no per-batch list to concatenate afterwards
                 acts[layer] = np.empty((tokens.size, h.shape[1]), h.dtype)
             acts[layer][row:row + len(h)] = h
         row += ids.numel()
-        bar.update(ids.numel())
-        bar.set_postfix_str(f"{ids.numel() / (time.perf_counter() - t0):,.0f} tok/s fwd", refresh=False)
-    return tokens, acts
+        if bar is not None:
+            bar.update(ids.numel())
+            bar.set_postfix_str(f"{ids.numel() / (time.perf_counter() - t0):,.0f} tok/s fwd", refresh=False)
+    return acts

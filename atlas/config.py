@@ -123,6 +123,10 @@ class TrainConfig:
     exclude_bos: bool = True
     """Leave each context's first position (BOS, an outlier of huge norm in GPT-2) out of training
     and evaluation, and out of the reconstruction spliced in for the CE-loss score."""
+    source: str = "store"
+    """Where the training rows come from: "store" (the run's activations.h5) or "model" (computed
+    on the fly, atlas/train/model_source.py: the model run over the corpus' contexts, the store's
+    held-out ones skipped, so n_tokens may exceed the store; a forward pass per training token)."""
 
 
 @dataclass
@@ -527,6 +531,7 @@ def _validate(path: Path, cfg: RunConfig) -> None:
     need(cfg.train.dead_after_tokens >= 1, "train.dead_after_tokens", "must be >= 1")
     need(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     need(cfg.train.in_memory_max_gb >= 0, "train.in_memory_max_gb", "must be >= 0")
+    need(cfg.train.source in ("store", "model"), "train.source", "must be store or model")
     need(cfg.analyze.n_top >= 1, "analyze.n_top", "must be >= 1")
     need(cfg.analyze.shard_size >= 1, "analyze.shard_size", "must be >= 1")
     need(2 <= cfg.analyze.histogram_bins <= 10_000, "analyze.histogram_bins", "must be between 2 and 10,000")

@@ -6,8 +6,9 @@ sae_weights.safetensors, metrics.json, metrics.jsonl, stamp.json). While trainin
 lives in `cfg.checkpoint_dir` (sae.ckpt/ beside sae/): a checkpoint every `train.checkpoint_every` steps and the metrics log,
 so a killed run resumes from its last checkpoint and reproduces the same batches.
 
-In reading order: `data.py` (the shuffled training rows), `trainer.py` (the loop, data-parallel
-under `torchrun`). Rank 0 alone writes sae/ and runs the evaluation.
+In reading order: `data.py` (the shuffled training rows), `model_source.py` (the rows computed by
+the model instead, `train.source: model`), `trainer.py` (the loop, data-parallel under `torchrun`).
+Rank 0 alone writes sae/ and runs the evaluation.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def check_room(cfg: RunConfig, d_model: int, train_tokens: int, device) -> None:
 
 def run(cfg: RunConfig, force: bool = False) -> Path:
     from atlas.evaluate import evaluate
-    from atlas.model import resolve_device
+    from atlas.model import load_model, resolve_device
     from atlas.store import ActivationStore
+    from atlas.train.model_source import model_stream
 
     store_path, out, ckpt_dir = cfg.store_path, cfg.sae_dir, cfg.checkpoint_dir
     opening = open_stage("train", cfg, out, ("sae", "train"), {"store": input_digest(store_path, "collect", cfg)}, force)
@@ -63,14 +65,20 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     device = resolve_device(cfg.model.device)
     with ActivationStore(store_path, rerun("collect", cfg), layer=cfg.model.layer) as store:
         check_room(cfg, store.d_model, len(store.train_rows), device)
-        data = store_stream(store, cfg.train)
+        loaded = None  # the model, when training computes the rows with it (evaluation then reuses it)
+        if cfg.train.source == "model":  # rows computed on the fly; the store still serves evaluation
+            loaded = load_model(cfg.model.name, cfg.model.revision, str(distributed.local_device(device)),
+                                cfg.model.dtype, gguf_file=cfg.model.gguf_file)
+            data = model_stream(cfg, loaded, store)
+        else:
+            data = store_stream(store, cfg.train)
         t0 = time.perf_counter()
         sae, summary = train_sae(cfg.sae, cfg.train, data, ckpt_dir=ckpt_dir, fp=fp,
                                  metadata=sae_metadata(cfg, store), device=device)
         summary["train_seconds"] = round(time.perf_counter() - t0, 1)
         if main:  # the other ranks hold the same SAE; they wait for rank 0's sae/ below
             require_finite(sae.state_dict(), out, "training diverged; lower train.lr")
-            metrics = {**evaluate(sae, store, cfg), **summary}
+            metrics = {**evaluate(sae, store, cfg, model=loaded), **summary}
             with opening.write() as tmp:
                 sae.save(tmp)
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
