@@ -109,7 +109,11 @@ class TrainConfig:
     batch_size: int = 4096
     n_tokens: int = 0
     """Training tokens; 0 means one pass over the store's training split."""
-    lr: float = 2e-4
+    lr: float | None = None
+    """Adam's learning rate (W_enc's; the other parameters step at a multiple, sae.lr_scale_*).
+    Unset: derived from the data, 2e-4 * sqrt(768 / d_model) (atlas.train.trainer.default_lr):
+    2e-4 for GPT-2 Small. Every architecture but relu and jumprelu is tested to learn a planted
+    dictionary anywhere from a third of that to three times it (tests/test_sae.py)."""
     warmup_steps: int = 100
     decay_fraction: float = 0.2
     """Final share of steps with linear decay of the learning rate to zero."""
@@ -524,7 +528,7 @@ def _validate(path: Path, cfg: RunConfig) -> None:
          "must be geometric_median, mean or zeros")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.n_tokens >= 0, "train.n_tokens", "must be >= 0")
-    need(cfg.train.lr > 0, "train.lr", "must be > 0")
+    need(cfg.train.lr is None or cfg.train.lr > 0, "train.lr", "must be > 0 (or unset: derived from the data)")
     need(0 <= cfg.train.decay_fraction <= 1, "train.decay_fraction", "must be in [0, 1]")
     need(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(cfg.train.l1_warmup_steps >= 0, "train.l1_warmup_steps", "must be >= 0")

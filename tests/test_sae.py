@@ -12,7 +12,8 @@ from atlas.saes import ARCHITECTURES, build_sae, load_sae
 from atlas.saes.batchtopk import batch_topk
 from atlas.saes.fused import fixed_width, sparse_decode, sparse_encode
 from atlas.train.data import tensor_stream
-from atlas.train.trainer import train_sae
+from atlas.train.trainer import default_lr, train_sae
+from planted import planted_heavy
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,48 +42,55 @@ def test_recovers_planted_dictionary(arch):
     assert summary["finished"]
 
 
-def planted_heavy(n=16384, d_in=32, n_atoms=96, mean_active=3.0, tail=2.0, noise=0.02, seed=0):
-    """The harder world: three times more unit-norm atoms than dimensions, atom i active with
-    probability proportional to 1/(i+1) (Zipf; the rarest in about 1 token of 160), each with a
-    Pareto(`tail`) magnitude from 0.5 (heavy-tailed: at tail 2 its variance is infinite).
-    Returns (x, D, p) with p the atoms' firing probabilities."""
-    g = torch.Generator().manual_seed(seed)
-    D = torch.randn(n_atoms, d_in, generator=g)
-    D /= D.norm(dim=1, keepdim=True)
-    p = 1.0 / torch.arange(1, n_atoms + 1).float()
-    p = (p * mean_active / p.sum()).clamp(max=0.5)
-    active = torch.rand(n, n_atoms, generator=g) < p
-    magnitude = 0.5 * (1 - torch.rand(n, n_atoms, generator=g)) ** (-1 / tail)
-    x = (active * magnitude) @ D + noise * torch.randn(n, d_in, generator=g) + 0.3
-    return x, D, p
+LR_FACTORS = (10 ** -0.5, 1.0, 10 ** 0.5)
+"""The learning rates every architecture is tested at: train.lr's default for the data
+(`default_lr`) over a range of a factor of 10 around it."""
+FLOOR = {"relu": 0.25, "jumprelu": 0.35}
+"""What ReLU + L1 and JumpReLU find here at each of those learning rates (measured when this test
+was written: ReLU 30%, 56%, 56%; JumpReLU 42%, 45%, 41%; L1 / L0 coefficient 1): a floor against
+regressions, not a goal. The sparsity penalty, not the learning rate, is what holds them back: in
+the session that first wrote this test no L1 coefficient in 0.3-10 or L0 coefficient in 0.1-5 did
+better."""
 
 
-@pytest.mark.parametrize("arch", [
-    "topk", "batchtopk", "matryoshka",
-    pytest.param("relu", marks=pytest.mark.xfail(strict=True, reason="ReLU + L1 finds 56% here (13% of the "
-                                                 "rarest quarter); no L1 coefficient in 0.3-10 or lr in 1e-3-3e-3 did better")),
-    pytest.param("jumprelu", marks=pytest.mark.xfail(strict=True, reason="JumpReLU finds 43% here; no L0 "
-                                                     "coefficient in 0.1-5 or lr in 1e-3-1e-2 did better")),
-])
-def test_recovers_rare_heavy_tailed_dictionary(arch):
-    """Rare atoms, heavy-tailed magnitudes, more atoms than dimensions: at least 90% of the atoms
-    and 80% of the rarest quarter have a decoder row within cosine 0.9. Before BatchTopK's decoder
-    stepped at the encoder's lr it found 30% (none of the rarest quarter) here. BatchTopK's
+@pytest.mark.parametrize("factor", LR_FACTORS, ids=["lr/3.2", "lr", "lr*3.2"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_recovers_rare_heavy_tailed_dictionary_over_a_10x_range_of_lr(arch, factor):
+    """Rare atoms, heavy-tailed magnitudes, more atoms than dimensions, at the default learning rate
+    and at a third and three times it: TopK, BatchTopK and Matryoshka find at least 90% of the
+    atoms and 80% of the rarest quarter (a decoder row within cosine 0.9), and the trainer does not
+    warn. Before BatchTopK's decoder stepped at the encoder's lr it found 30% here (none of the
+    rarest quarter), and Matryoshka's decoder at BatchTopK's rate found 79% at lr*3.2. BatchTopK's
     inference threshold must also give about k latents per token on unseen rows."""
     x, D, p = planted_heavy(n=16384 + 4096)
     x, held = x[:16384], x[16384:]
     cfg = SAEConfig(architecture=arch, d_sae=192, k=3, aux_k=16, l1_coefficient=1.0)
-    tc = TrainConfig(batch_size=256, n_tokens=256 * 1170, lr=1e-3, warmup_steps=20, dead_after_tokens=25_600,
-                     l1_warmup_steps=100)
+    tc = TrainConfig(batch_size=256, n_tokens=256 * 1170, lr=factor * default_lr(x.shape[1]), warmup_steps=20,
+                     dead_after_tokens=25_600, l1_warmup_steps=100)
     sae, summary = train_sae(cfg, tc, tensor_stream(x), progress=False)
     W = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
     found = (D @ W.T).max(dim=1).values > 0.9
     rarest = found[p.argsort()[:len(p) // 4]]
-    assert found.float().mean() >= 0.9 and rarest.float().mean() >= 0.8, \
-        f"{arch}: recovered {found.float().mean():.0%} of the atoms, {rarest.float().mean():.0%} of the rarest quarter"
+    got = f"{arch} at lr {tc.lr:.2g}: {found.float().mean():.0%} of the atoms, {rarest.float().mean():.0%} of the rarest quarter"
+    if arch in FLOOR:
+        assert found.float().mean() >= FLOOR[arch], got
+        return
+    assert found.float().mean() >= 0.9 and rarest.float().mean() >= 0.8, got
+    assert "warnings" not in summary, summary.get("warnings")
     if arch in ("batchtopk", "matryoshka"):
         l0 = (sae.encode(held) > 0).sum(dim=1).float().mean().item()
         assert abs(l0 - cfg.k) <= 0.15 * cfg.k, f"held-out L0 {l0:.2f} at the inference threshold, k = {cfg.k}"
+
+
+def test_a_learning_rate_far_too_high_is_warned_about():
+    """Ten times the top of that range: the runs fail, and the trainer says so, naming a lower lr."""
+    x, D, p = planted_heavy(n=16384)
+    for arch in ("topk", "matryoshka"):
+        cfg = SAEConfig(architecture=arch, d_sae=192, k=3, aux_k=16)
+        tc = TrainConfig(batch_size=256, n_tokens=256 * 600, lr=30 * default_lr(x.shape[1]), warmup_steps=20,
+                         dead_after_tokens=25_600)
+        _, summary = train_sae(cfg, tc, tensor_stream(x), progress=False)
+        assert any("too high" in w or "dead" in w for w in summary.get("warnings", [])), (arch, summary)
 
 
 def _trained_like(arch, d_in=16, d_sae=64, seed=0):

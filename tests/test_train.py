@@ -141,8 +141,10 @@ def test_run_health_names_the_fix():
     from atlas.train.health import RunHealth
 
     h = RunHealth(lr=1e-3, warmup_steps=10, total_steps=100)
-    assert h.observe(5, 1.0, 0.0) == [] and h.observe(20, 0.5, 0.0) == []  # falling: fine
-    rise = h.observe(30, 0.9, 0.0)
+    assert all(h.observe(i, fvu, 0.0) == [] for i, fvu in enumerate((1.0, 0.8, 0.6, 0.5, 0.5, 0.5)))  # falling: fine
+    assert h.observe(30, 0.9, 0.0) == [] and h.observe(31, 0.5, 0.0) == []  # one noisy row is not a rise
+    assert h.observe(32, 0.9, 0.0) == []  # the median of the last 5 rows: still 0.5
+    rise = h.observe(33, 0.9, 0.0)  # now 0.9, over 1.5 x 0.5
     assert len(rise) == 1 and "too high" in rise[0] and "train.lr" in rise[0] and "0.000333" in rise[0]
     assert h.observe(40, 0.9, 0.0) == []  # each kind once
     dead = [h.observe(50 + i, 0.4, share) for i, share in enumerate((0.3, 0.45, 0.55, 0.65))]
