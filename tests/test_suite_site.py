@@ -68,7 +68,7 @@ def test_every_member_has_every_page_and_the_home_lists_them(suite_site):
         assert '<a href="../index.html">the suite' in (site / m.id / "index.html").read_text(encoding="utf-8")
         assert (site / m.id / "onnx").exists() is False and (site / m.id / "assets/vendor").exists() is False
     # the synthetic manifest's metrics, and one line per width in each chart across layers
-    assert home.count("<td>0.81</td>") == len(members(cfg)) and home.count("<polyline") == 3 * len(WIDTHS)
+    assert home.count(">0.81</td>") == len(members(cfg)) and home.count("<polyline") == 3 * len(WIDTHS)
     assert (site / "prompt.html").exists() and (site / "js/analyser/try.js").exists()
     assert not (site / "features").exists()
 
