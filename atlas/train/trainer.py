@@ -44,6 +44,8 @@ CKPT_FILE = "checkpoint.pt"
 LOG_FILE = "metrics.jsonl"
 SAMPLE_ROWS = 16384
 """Rows used to estimate the input scale and initialise b_dec."""
+SAMPLE_BUFFER = 4 * SAMPLE_ROWS
+"""The rows they are drawn from (whole chunks in random order, as training draws them)."""
 
 
 # ---- initialisation -------------------------------------------------------------------------
@@ -226,8 +228,9 @@ class Trainer:
         if self.main and self.log_path is not None and self.log_path.exists():
             self.log_path.unlink()
         d = self.data  # a plain RowStream of d's rows: d may be a subclass with batches of its own
-        sample = next(RowStream(d.read, d.n_rows, d.chunk_rows, d.buffer_rows, d.keep, d.seed + 1, d.rows,
-                                d.read_into).batches(min(SAMPLE_ROWS, d.n_rows)))
+        # a buffer of SAMPLE_BUFFER rows, not the stream's: with train.source model every row read costs a forward pass
+        sample = next(RowStream(d.read, d.n_rows, d.chunk_rows, min(d.buffer_rows, SAMPLE_BUFFER), d.keep, d.seed + 1,
+                                d.rows, d.read_into).batches(min(SAMPLE_ROWS, d.n_rows)))
         self.scale = init_from_data(self.sae, sample.to(self.device).float(), self.sae_cfg.b_dec_init)
 
     def batches(self) -> Iterator[torch.Tensor]:
