@@ -37,7 +37,7 @@ D_MODEL, CTX, PART_CONTEXTS, BATCH = 768, 128, 512, 4096
 LATER_EPOCHS = 2
 """Epochs timed after the first: by then the reader's three buffers exist (the first epoch pays
 their page faults, which cost about as much as the reads)."""
-ROWS = int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 524_288
+ROWS = int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 2_097_152
 
 
 def write_store(path: Path, n_rows: int) -> None:

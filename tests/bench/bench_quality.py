@@ -23,6 +23,9 @@ inference SAE (`save_inference_model`), which `atlas.saes.load_sae` reads, so bo
 the same code: `atlas.evaluate.evaluate` on the store's held-out contexts (explained variance,
 L0, dead fraction, CE-loss and KL scores of splicing the reconstruction into the model), and
 `reconstruction_metrics` on a fixed sample of training rows for a second dead-latent count.
+`sweep` also takes other trainers (our architectures, SAELens's BatchTopK and Matryoshka training
+SAEs: SAELENS_SAES) and can leave the CE-loss and KL scores to each trainer's best point;
+bench_matryoshka.py uses both.
 
 Writes runs/bench/quality.json ({"title", "columns", "rows", "notes", "raw"}) and prints it.
 """
@@ -46,14 +49,27 @@ TRAIN_DEAD_ROWS = 65_536
 """Training rows (the first ones, BOS left out as in training) on which 'never fired' is also counted."""
 COLUMNS = ["measure", "ours", "SAELens", "diff", "goal"]
 
+SAELENS_SAES = {
+    "topk": ("sae_lens.saes.topk_sae", "TopKTrainingSAE", "TopKTrainingSAEConfig"),
+    "batchtopk": ("sae_lens.saes.batchtopk_sae", "BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig"),
+    "matryoshka_batchtopk": ("sae_lens.saes.matryoshka_batchtopk_sae", "MatryoshkaBatchTopKTrainingSAE",
+                             "MatryoshkaBatchTopKTrainingSAEConfig"),
+}
+"""SAELens training SAEs the bench can drive (`train_saelens(architecture=...)`): module, class, config class."""
+CHECK_ROWS = 1024
+"""Sample rows on which SAELens's own loader and `atlas.saes.load_sae` must give the same SAE."""
+
 SAELENS_SCRIPT = r"""
-import json, math, sys, time
+import importlib, json, math, sys, time
 import numpy as np, torch
+from sae_lens import SAE
 from sae_lens.config import LoggingConfig, SAETrainerConfig
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 a = json.loads(sys.argv[1])
+module, cls_name, cfg_name = a["sae_class"]
+module = importlib.import_module(module)
+TrainingSAE, TrainingSAEConfig = getattr(module, cls_name), getattr(module, cfg_name)
 torch.set_num_threads(a["threads"])
 torch.manual_seed(a["seed"])
 x = torch.from_numpy(np.load(a["rows"]))
@@ -68,8 +84,8 @@ def provider():
     for ids in order:            # then one batch per training step
         yield x[ids]
 
-sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=a["d_sae"], k=a["k"],
-                                            normalize_activations="expected_average_only_in"))
+sae = TrainingSAE(TrainingSAEConfig(d_in=x.shape[1], d_sae=a["d_sae"], k=a["k"],
+                                   normalize_activations="expected_average_only_in", **a["sae_kwargs"]))
 steps = len(order)
 cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=a["lr"],
                        lr_end=a["lr"], lr_scheduler_name="constant", lr_warm_up_steps=a["warmup_steps"],
@@ -81,8 +97,19 @@ t = time.perf_counter()
 trainer.fit()
 seconds = time.perf_counter() - t
 sae.save_inference_model(a["out"])
-print(json.dumps({"seconds": seconds, "tokens": trainer.n_training_samples, "steps": trainer.n_training_steps,
-                  "train_dead_latents": int(trainer.dead_neurons.sum())}))
+# SAELens's own reading of what it saved, on sample rows, for the bench to compare with load_sae's
+inference = SAE.load_from_disk(a["out"], device="cpu")
+with torch.no_grad():
+    rows = x[sample[:a["check_rows"]]].float()
+    acts = inference.encode(rows)
+    np.savez(a["check"], rows=sample[:a["check_rows"]].numpy(), recon=inference.decode(acts).numpy(),
+             l0=(acts > 0).sum(-1).numpy(), act_sum=acts.sum(-1).numpy())
+out = {"seconds": seconds, "tokens": trainer.n_training_samples, "steps": trainer.n_training_steps,
+       "train_dead_latents": int(trainer.dead_neurons.sum()), "inference_class": type(inference).__name__,
+       "saelens_cfg": {k: v for k, v in vars(sae.cfg).items() if isinstance(v, (int, float, str, bool, list))}}
+if hasattr(sae, "topk_threshold"):  # BatchTopK family: the EMA threshold saved as the JumpReLU threshold
+    out["topk_threshold"] = float(sae.topk_threshold)
+print(json.dumps(out))
 """
 
 
@@ -108,8 +135,11 @@ def stream_order(data, batch: int, steps: int):
     return order, sample
 
 
-def train_saelens(py: Path, rows, order, sample, cfg, threads: int, work: Path) -> dict:
-    """Train with SAELens's SAETrainer on the given batches; returns its timing and the saved SAE's folder."""
+def train_saelens(py: Path, rows, order, sample, cfg, threads: int, work: Path, architecture: str = "topk",
+                  sae_kwargs: dict | None = None) -> dict:
+    """Train with SAELens's SAETrainer on the given batches, a training SAE of `architecture` (a key of
+    SAELENS_SAES; `sae_kwargs` are more fields of its config); returns its timing, the saved SAE's
+    folder ("dir") and SAELens's own encoding of CHECK_ROWS sample rows ("check", an .npz)."""
     import numpy as np
 
     tc = cfg.train
@@ -122,19 +152,61 @@ def train_saelens(py: Path, rows, order, sample, cfg, threads: int, work: Path) 
     args = {**{k: str(v) for k, v in paths.items()}, "out": str(work / "saelens-sae"), "threads": threads,
             "seed": tc.seed, "batch": tc.batch_size, "d_sae": cfg.sae.d_sae, "k": cfg.sae.k, "lr": tc.lr,
             "warmup_steps": tc.warmup_steps, "decay_steps": decay_steps,
-            "dead_window_steps": max(1, tc.dead_after_tokens // tc.batch_size)}
+            "dead_window_steps": max(1, tc.dead_after_tokens // tc.batch_size),
+            "sae_class": SAELENS_SAES[architecture], "sae_kwargs": sae_kwargs or {},
+            "check": str(work / "check.npz"), "check_rows": CHECK_ROWS}
     r = subprocess.run([str(py), "-c", SAELENS_SCRIPT, json.dumps(args)], stdout=subprocess.PIPE, text=True)
     for p in paths.values():
         p.unlink()
     if r.returncode != 0:
         raise RuntimeError(f"SAELens training failed (exit {r.returncode}); its error is above")
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    out["dir"] = args["out"]
+    out["dir"], out["check"] = args["out"], args["check"]
     return out
 
 
-def sweep(cfg, store_path: Path, py: Path | None, threads: int, lrs: list[float], n_tokens: int) -> dict:
-    """Train ours and SAELens at every learning rate on one store, score all with atlas.evaluate."""
+def load_check(sae, check: str, rows) -> dict:
+    """How far `sae` (SAELens's saved SAE as atlas.saes.load_sae read it) is from SAELens's own
+    reading of the same folder (`check`, written by SAELENS_SCRIPT) on the same rows; with the
+    threshold the folder holds, where it has one."""
+    import numpy as np
+    import torch
+
+    c = np.load(check)
+    with torch.no_grad():
+        x = rows[torch.from_numpy(c["rows"])].float()
+        acts = sae.encode(x)
+        recon = sae.decode(acts).numpy()
+    out = {"rows": int(len(x)), "max_abs_recon_diff": float(np.abs(recon - c["recon"]).max()),
+           "recon_scale": float(np.abs(c["recon"]).max()),
+           "l0_rows_differing": int(((acts > 0).sum(-1).numpy() != c["l0"]).sum()),
+           "l0_saelens": float(c["l0"].mean()), "l0_ours": float((acts > 0).sum(-1).float().mean()),
+           "loaded_as": type(sae).__name__}
+    if hasattr(sae, "threshold") and sae.threshold.numel() > 1:
+        t = sae.threshold
+        out["threshold_loaded"] = [float(t.min()), float(t.max())]
+    return out
+
+
+DEFAULT_TRAINERS = {"ours": ("ours", "topk", {}), "saelens": ("saelens", "topk", {})}
+"""name -> (side, architecture, SAELens config fields): ours' TopK against SAELens's."""
+
+
+class _NoLMHead:
+    """A model for atlas.evaluate.evaluate that makes it skip the CE-loss and KL scores (None)."""
+    has_lm_head = False
+
+
+def sweep(cfg, store_path: Path, py: Path | None, threads: int, lrs: list[float], n_tokens: int,
+          trainers: dict | None = None, extra_metrics=None, downstream: str = "all") -> dict:
+    """Train every trainer at every learning rate on one store, score all with atlas.evaluate.
+
+    `trainers`: name -> (side, architecture, SAELens config fields), side "ours" (atlas.train with
+    sae.architecture = architecture) or "saelens" (a key of SAELENS_SAES); default DEFAULT_TRAINERS.
+    Results go to res[name][str(lr)]. `extra_metrics(sae, store)`, when given, adds its dict to each
+    point's metrics. `downstream`: "all" scores CE-loss and KL (the model runs, ~2 min a point on one
+    CPU thread) at every point; "best" only at each trainer's best lr by held-out explained variance
+    (the other points keep them None; every other metric is measured at every point)."""
     import dataclasses
 
     import numpy as np
@@ -152,7 +224,10 @@ def sweep(cfg, store_path: Path, py: Path | None, threads: int, lrs: list[float]
     steps = max(1, n_tokens // tc.batch_size)
     res = {"store": str(store_path), "model": cfg.model.name, "layer": cfg.model.layer, "d_sae": cfg.sae.d_sae,
            "k": cfg.sae.k, "aux_k": cfg.sae.aux_k, "batch": tc.batch_size, "steps": steps, "lrs": lrs,
-           "threads": threads, "ours": {}, "saelens": {}}
+           "threads": threads}
+    trainers = trainers or DEFAULT_TRAINERS
+    res["trainers"] = {name: list(spec) for name, spec in trainers.items()}
+    res.update({name: {} for name in trainers})
     m = cfg.model
     model = load_model(m.name, m.revision, "cpu", m.dtype, gguf_file=m.gguf_file)
     with ActivationStore(store_path) as store:
@@ -165,34 +240,65 @@ def sweep(cfg, store_path: Path, py: Path | None, threads: int, lrs: list[float]
         keep = (np.arange(TRAIN_DEAD_ROWS) % store.ctx_len != 0) if tc.exclude_bos else np.ones(TRAIN_DEAD_ROWS, bool)
         train_sample = rows[:TRAIN_DEAD_ROWS][torch.from_numpy(keep[:min(TRAIN_DEAD_ROWS, len(rows))])]
 
+        kept: dict = {name: {} for name in trainers}  # downstream "best": every point's SAE until the end
+
         def score(sae, trained: dict) -> dict:
-            out = {**evaluate(sae, store, cfg, model=model), **trained}
+            t = time.perf_counter()
+            out = {**evaluate(sae, store, cfg, model=model if downstream == "all" else _NoLMHead()), **trained}
+            out["eval_seconds"] = time.perf_counter() - t
             tr = reconstruction_metrics(sae, train_sample.split(8192), cfg.analyze.dense_threshold)
-            out.update(train_sample_dead_fraction=tr["dead_fraction"], train_sample_tokens=tr["eval_tokens"])
+            out.update(train_sample_dead_fraction=tr["dead_fraction"], train_sample_tokens=tr["eval_tokens"],
+                       train_sample_l0=tr["l0"])
+            if extra_metrics is not None:
+                out.update(extra_metrics(sae, store))
             return out
 
         for lr in lrs:
-            run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, lr=lr))
-            print(f"[lr {lr:g}] ours: train_sae, {steps} steps x {tc.batch_size} tokens", flush=True)
-            t, load = time.perf_counter(), os.getloadavg()[0]
-            ours, summary = train_sae(run_cfg.sae, run_cfg.train, data, n_tokens=steps * tc.batch_size, progress=False)
-            trained = {"seconds": time.perf_counter() - t, "tokens": summary["tokens"],
-                       "load_average": [load, os.getloadavg()[0]], "lr_scales": ours.lr_scales}
-            res["ours"][str(lr)] = score(ours, trained)
-            if py is None:
-                continue
-            print(f"[lr {lr:g}] SAELens: SAETrainer, the same {steps} batches", flush=True)
-            with tempfile.TemporaryDirectory(dir=OUT, prefix="quality-") as work:
-                try:
-                    load = os.getloadavg()[0]
-                    trained = train_saelens(py, rows, order, sample, run_cfg, threads, Path(work))
-                    trained["load_average"] = [load, os.getloadavg()[0]]
-                    res["saelens_version"] = json.loads((Path(trained["dir"]) / "cfg.json").read_text())[
-                        "metadata"].get("sae_lens_version")
-                    res["saelens"][str(lr)] = score(load_sae(trained.pop("dir")), trained)
-                except RuntimeError as e:
-                    print(f"[lr {lr:g}] {e}", flush=True)
-                    res["saelens_error"] = str(e)
+            for name, (side, arch, sae_kwargs) in trainers.items():
+                if side == "ours":
+                    run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, lr=lr),
+                                                  sae=dataclasses.replace(cfg.sae, architecture=arch))
+                    print(f"[lr {lr:g}] {name}: train_sae ({arch}), {steps} steps x {tc.batch_size} tokens",
+                          flush=True)
+                    t, load = time.perf_counter(), os.getloadavg()[0]
+                    ours, summary = train_sae(run_cfg.sae, run_cfg.train, data, n_tokens=steps * tc.batch_size,
+                                              progress=False)
+                    trained = {"seconds": time.perf_counter() - t, "tokens": summary["tokens"],
+                               "load_average": [load, os.getloadavg()[0]], "lr_scales": ours.lr_scales,
+                               "architecture": arch, "summary": summary}
+                    res[name][str(lr)] = score(ours, trained)
+                    kept[name][str(lr)] = ours if downstream == "best" else None
+                    continue
+                if py is None:
+                    continue
+                run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, lr=lr))
+                print(f"[lr {lr:g}] {name}: SAELens SAETrainer ({arch}), the same {steps} batches", flush=True)
+                with tempfile.TemporaryDirectory(dir=OUT, prefix="quality-") as work:
+                    try:
+                        load = os.getloadavg()[0]
+                        trained = train_saelens(py, rows, order, sample, run_cfg, threads, Path(work), arch,
+                                                sae_kwargs)
+                        trained["load_average"] = [load, os.getloadavg()[0]]
+                        saved = json.loads((Path(trained["dir"]) / "cfg.json").read_text())
+                        res["saelens_version"] = saved["metadata"].get("sae_lens_version")
+                        trained["saved_architecture"] = saved.get("architecture")
+                        sae = load_sae(trained.pop("dir"))
+                        trained["load_check"] = load_check(sae, trained.pop("check"), rows)
+                        res[name][str(lr)] = score(sae, trained)
+                        kept[name][str(lr)] = sae if downstream == "best" else None
+                    except RuntimeError as e:
+                        print(f"[lr {lr:g}] {e}", flush=True)
+                        res.setdefault("saelens_error", {})[name] = str(e)
+        if downstream == "best":
+            for name in trainers:
+                lr = best_lr(res[name])
+                if lr is None:
+                    continue
+                print(f"[{name}] CE-loss and KL scores at its best lr, {float(lr):g}", flush=True)
+                t = time.perf_counter()
+                full = evaluate(kept[name][lr], store, cfg, model=model)
+                res[name][lr].update(full, eval_seconds_downstream=time.perf_counter() - t)
+    res["downstream"] = downstream
     return res
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDER = ["stages", "collect", "data", "train", "lr", "analyze", "labels", "browser", "browser_real", "steer", "build", "pages",
-         "quality"]
+         "quality", "matryoshka"]
 """Scripts run in this order (bench_<name>.py, where there is one) and tables written in it."""
 
 
