@@ -212,8 +212,10 @@ class ActivationStore:
         if problem:
             raise AtlasError(f"{problem}; run `{collect}` to rewrite it (only missing parts are recomputed)")
         self._part_starts = np.cumsum([0] + [p["rows"] for p in stamp["parts"]])
-        self._extents: list[RowExtents] | None = None
-        """Per part, where its rows lie in its file (`read_into`); found on first use."""
+        self._extents: list[RowExtents] = []
+        """Per part, where its rows lie in its file (`read_into`); found when the parts are checked."""
+        self._raw = False
+        """Whether every part's rows can be read as plain bytes (else `read_into` goes through h5py)."""
         try:
             self._file = h5py.File(self.path, "r")
             attrs = {k: _plain(v) for k, v in self._file.attrs.items()}
@@ -248,24 +250,24 @@ class ActivationStore:
         self.chunk_rows = 1024
 
     def _check_parts(self, n_parts: int, key: str) -> None:
-        # A virtual dataset reads missing sources as zeros; a truncated part must not pass silently.
+        """Open every part once: a virtual dataset reads missing sources as zeros, so a truncated part
+        must not pass silently; and note where each part's rows lie (`read_into`)."""
+        dtype = np.dtype(self.info.dtype)
         for i in range(n_parts):
             p = part_path(self.path, i)
             try:
                 with h5py.File(p, "r") as f:
                     f[key].id.get_storage_size()
+                    self._extents.append(RowExtents.of(p, f[key], dtype, self.info.d_model))
             except OSError as e:
                 raise AtlasError(f"{p}: missing or unreadable part of the store ({str(e).splitlines()[0]}); "
                                  f"delete it and run `{self.collect}` to rewrite it") from None
+        self._raw = len(self._extents) == len(self._part_starts) - 1 and all(e.raw for e in self._extents)
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Activation rows [start, stop), as stored (no conversion, no NaN check), written into
         `out`, a C-contiguous array [stop - start, d_model] of the store's dtype."""
-        if self._extents is None:
-            key = self.acts.name.lstrip("/")
-            self._extents = [RowExtents.of(part_path(self.path, i), key, self.acts.dtype, self.d_model)
-                             for i in range(len(self._part_starts) - 1)]
-        if not all(e.raw for e in self._extents):
+        if not self._raw:
             self.acts.read_direct(out, np.s_[start:stop])
             return
         first = int(np.searchsorted(self._part_starts, start, side="right")) - 1
@@ -302,7 +304,7 @@ class ActivationStore:
 
     def close(self) -> None:
         self._file.close()
-        for e in self._extents or ():
+        for e in self._extents:
             e.close()
 
     def __enter__(self):
@@ -323,31 +325,30 @@ class RowExtents:
         self._fd: int | None = None
 
     @classmethod
-    def of(cls, path: Path, key: str, dtype: np.dtype, d_model: int) -> RowExtents:
-        with h5py.File(path, "r") as f:
-            ds = f[key]
-            row_bytes = d_model * dtype.itemsize
-            plist = ds.id.get_create_plist()
-            if (ds.dtype != dtype or not ds.dtype.isnative or ds.ndim != 2 or ds.shape[1] != d_model
-                    or plist.get_nfilters() or ds.shape[0] == 0):
-                return cls(path, [], [], row_bytes)
-            if plist.get_layout() == h5py.h5d.CONTIGUOUS:
-                offset = ds.id.get_offset()
-                return cls(path, [0] if offset is not None else [], [offset] if offset is not None else [], row_bytes)
-            if plist.get_layout() != h5py.h5d.CHUNKED or ds.chunks[1] != d_model:
-                return cls(path, [], [], row_bytes)
-            chunk_rows = ds.chunks[0]
-            infos = sorted((ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())),
-                           key=lambda c: c.chunk_offset[0])
-            if ([c.chunk_offset[0] for c in infos] != list(range(0, ds.shape[0], chunk_rows))
-                    or any(c.size != chunk_rows * row_bytes or c.byte_offset is None for c in infos)):
-                return cls(path, [], [], row_bytes)  # unallocated or filtered chunks: h5py knows what they hold
-            starts, offsets = [], []
-            for c in infos:  # one run for chunks that follow each other in the file
-                if not offsets or offsets[-1] + (c.chunk_offset[0] - starts[-1]) * row_bytes != c.byte_offset:
-                    starts.append(c.chunk_offset[0])
-                    offsets.append(c.byte_offset)
-            return cls(path, starts, offsets, row_bytes)
+    def of(cls, path: Path, ds: h5py.Dataset, dtype: np.dtype, d_model: int) -> RowExtents:
+        """The extents of `ds`, the hook's dataset in the part file at `path` (open)."""
+        row_bytes = d_model * dtype.itemsize
+        plist = ds.id.get_create_plist()
+        if (ds.dtype != dtype or not ds.dtype.isnative or ds.ndim != 2 or ds.shape[1] != d_model
+                or plist.get_nfilters() or ds.shape[0] == 0):
+            return cls(path, [], [], row_bytes)
+        if plist.get_layout() == h5py.h5d.CONTIGUOUS:
+            offset = ds.id.get_offset()
+            return cls(path, [0] if offset is not None else [], [offset] if offset is not None else [], row_bytes)
+        if plist.get_layout() != h5py.h5d.CHUNKED or ds.chunks[1] != d_model:
+            return cls(path, [], [], row_bytes)
+        chunk_rows = ds.chunks[0]
+        infos = sorted((ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())),
+                       key=lambda c: c.chunk_offset[0])
+        if ([c.chunk_offset[0] for c in infos] != list(range(0, ds.shape[0], chunk_rows))
+                or any(c.size != chunk_rows * row_bytes or c.byte_offset is None for c in infos)):
+            return cls(path, [], [], row_bytes)  # unallocated or filtered chunks: h5py knows what they hold
+        starts, offsets = [], []
+        for c in infos:  # one run for chunks that follow each other in the file
+            if not offsets or offsets[-1] + (c.chunk_offset[0] - starts[-1]) * row_bytes != c.byte_offset:
+                starts.append(c.chunk_offset[0])
+                offsets.append(c.byte_offset)
+        return cls(path, starts, offsets, row_bytes)
 
     def read(self, a: int, b: int, out: np.ndarray) -> None:
         """This part's rows [a, b) into `out`."""

